@@ -1,0 +1,124 @@
+"""Important weight identification: HSplitLoRA's resource-normalised |W * dL/dW| score (our formulation).
+
+g(W) = mean over elements of |W * dL/dW|, a first-order estimate of how much the loss would move
+if W were perturbed along its gradient (the AdaLoRA / PLATON sensitivity). The frozen W gets no
+gradient from autograd, so dL/dW = sum over tokens of grad_out^T x is formed from hooks, one weight
+at a time, and dropped as soon as its score is taken: no full weight gradient is kept.
+I(W) = g(W) / c(W), c(W) = (d_in + d_out) normalised to mean 1 over the candidates: the cost of a
+LoRA adapter on W, so a cheap weight with the same sensitivity ranks higher.
+Ibar_t = beta_t * Ibar_{t-1} + (1 - beta_t) * I_t, with beta_t rising with training progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from hsplitlora.family import family_of
+from hsplitlora.lora import LoRALinear, Target, lora_layer
+
+
+def all_targets(model: PreTrainedModel, layers: Iterable[int] | None = None) -> list[Target]:
+    """Every adaptable weight of the given blocks (all blocks by default)."""
+    family = family_of(model)
+    n = len(family.blocks(model))
+    return [Target(i, p) for i in (layers if layers is not None else range(n)) for p in family.projections]
+
+
+def _base_and_slice(model: PreTrainedModel, target: Target) -> tuple[nn.Module, tuple[int, int], bool]:
+    layer = lora_layer(model, target)  # wraps on first use; a wrapper without adapters is the plain layer
+    return layer.base, layer.slices[target.proj], layer.transposed
+
+
+def sensitivity(
+    model: PreTrainedModel, targets: list[Target], run_loss: Callable[[], torch.Tensor]
+) -> dict[Target, float]:
+    """g(W) for each target: mean |W * dL/dW| from one forward/backward of `run_loss()`.
+
+    `run_loss` runs the forward pass through the blocks holding the targets and returns the loss;
+    only the hooks' captured inputs are kept, and each weight's gradient lives for one hook call.
+    """
+    scores: dict[Target, float] = {t: 0.0 for t in targets}
+    by_module: dict[nn.Module, list[tuple[Target, tuple[int, int], bool]]] = {}
+    for t in targets:
+        base, out_slice, transposed = _base_and_slice(model, t)
+        by_module.setdefault(base, []).append((t, out_slice, transposed))
+
+    def on_forward(module, inputs, output):
+        x = inputs[0].detach()
+        if not output.requires_grad:
+            return
+
+        def on_grad(grad_out: torch.Tensor) -> None:
+            xs = x.reshape(-1, x.shape[-1])
+            gs = grad_out.reshape(-1, grad_out.shape[-1])
+            for target, (lo, hi), transposed in by_module[module]:
+                grad_w = gs[:, lo:hi].t() @ xs  # (d_out_slice, d_in), dropped after this line's use
+                w = module.weight[:, lo:hi].t() if transposed else module.weight[lo:hi]
+                scores[target] += float((w * grad_w).abs().mean())
+
+        output.register_hook(on_grad)
+
+    def need_grad(module, args, kwargs):
+        # The frozen model has nothing that requires a gradient; mark each block's input so the
+        # backward pass reaches every hooked linear layer.
+        h = args[0]
+        if not h.requires_grad:
+            h = h.detach().requires_grad_(True)
+        return (h, *args[1:]), kwargs
+
+    blocks = family_of(model).blocks(model)
+    handles = [m.register_forward_hook(on_forward) for m in by_module]
+    handles += [blocks[i].register_forward_pre_hook(need_grad, with_kwargs=True) for i in {t.layer for t in targets}]
+    try:
+        with torch.enable_grad():
+            run_loss().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in (p for f in _adapters_of(model) for p in f.parameters()):
+            p.grad = None  # the profiling pass must not leak gradients into the next optimizer step
+    return scores
+
+
+def _adapters_of(model: PreTrainedModel):
+    return [a for m in model.modules() if isinstance(m, LoRALinear) for a in m.adapters.values()]
+
+
+def resource_normalised(model: PreTrainedModel, scores: dict[Target, float]) -> dict[Target, float]:
+    """I(W) = g(W) / c(W), with c(W) = d_in + d_out normalised to mean 1 over the scored weights."""
+    costs = {}
+    for t in scores:
+        layer = lora_layer(model, t)
+        lo, hi = layer.slices[t.proj]
+        costs[t] = layer.d_in + (hi - lo)
+    mean_cost = sum(costs.values()) / len(costs)
+    return {t: s / (costs[t] / mean_cost) for t, s in scores.items()}
+
+
+@dataclass
+class ImportanceTracker:
+    """Smoothed importance: history weighs more as training progresses (scores settle)."""
+
+    beta_start: float = 0.3
+    beta_end: float = 0.9
+    smoothed: dict[Target, float] = field(default_factory=dict)
+
+    def beta(self, progress: float) -> float:
+        progress = min(max(progress, 0.0), 1.0)
+        return self.beta_start + (self.beta_end - self.beta_start) * progress
+
+    def update(self, scores: dict[Target, float], progress: float) -> dict[Target, float]:
+        """Fold in a new set of scores (progress in [0, 1]); weights first seen take their score."""
+        b = self.beta(progress)
+        for t, s in scores.items():
+            self.smoothed[t] = b * self.smoothed[t] + (1 - b) * s if t in self.smoothed else s
+        return dict(self.smoothed)
+
+    def ranking(self) -> list[Target]:
+        """Targets from most to least important."""
+        return sorted(self.smoothed, key=lambda t: (-self.smoothed[t], t))
