@@ -49,6 +49,57 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from hsplitlora.finetune import EvalConfig
+    from hsplitlora.planner import PlannerConfig
+    from hsplitlora.report import print_simulation_report
+    from hsplitlora.simulate import SimConfig, simulate
+
+    cfg = SimConfig(
+        method=args.method, model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
+        local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+        alpha=args.alpha, seed=args.seed, iid=args.iid, budget_spread=args.budget_spread,
+        eval=EvalConfig(loss_items=args.eval_items, generate_items=args.generate_items, coco=not args.no_coco),
+        planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(","))),
+    )
+    results = simulate(cfg, args.save_merged, args.save_adapter, args.adapter_rank)
+    print_simulation_report(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hsplitlora.report import load_results, results_table, plot_validation
+
+    runs = load_results(args.results)
+    print(results_table(runs))
+    if args.plot:
+        plot_validation(runs, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _common_training_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--data", type=Path, default=default_e2e_dir(),
+                   help="an E2E directory (devset.csv, testset_w_refs.csv) or a JSONL file of "
+                        "{\"prompt\", \"completion\"} objects (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / rank (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--eval-items", type=int, default=20,
+                   help="test inputs whose references give the test loss (default: %(default)s)")
+    p.add_argument("--generate-items", type=int, default=40,
+                   help="test inputs generated and scored (default: %(default)s)")
+    p.add_argument("--no-coco", action="store_true", help="skip METEOR/ROUGE-L/CIDEr (Java, ~20 s)")
+    p.add_argument("--save-adapter", type=Path, help="write the trained adapter here (PEFT format)")
+    p.add_argument("--save-merged", type=Path, help="write a merged model directory here")
+    p.add_argument("--out", type=Path, help="write the full results as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsplitlora",
@@ -63,28 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a model with LoRA on one machine (all data in one place), then report "
                     "test loss, perplexity, E2E metrics and before/after samples.",
     )
-    _model_arg(ft)
-    ft.add_argument("--data", type=Path, default=default_e2e_dir(),
-                    help="an E2E directory (devset.csv, testset_w_refs.csv) or a JSONL file of "
-                         "{\"prompt\", \"completion\"} objects (default: %(default)s)")
+    _common_training_args(ft)
     ft.add_argument("--ranks", default="q=8,v=8",
                     help="LoRA ranks: 'q=8,v=8' for every layer, '0-3:up=16', '5.down=4'; comma-separated, "
                          "later items win (default: %(default)s)")
-    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / rank (default: %(default)s)")
     ft.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
     ft.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
-    ft.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     ft.add_argument("--max-len", type=int, default=160, help="max tokens per example (default: %(default)s)")
-    ft.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    ft.add_argument("--eval-items", type=int, default=20,
-                    help="test inputs whose references give the test loss (default: %(default)s)")
-    ft.add_argument("--generate-items", type=int, default=40,
-                    help="test inputs generated and scored (default: %(default)s)")
-    ft.add_argument("--no-coco", action="store_true", help="skip METEOR/ROUGE-L/CIDEr (Java, ~20 s)")
-    ft.add_argument("--save-adapter", type=Path, help="write the trained adapter here (PEFT format)")
-    ft.add_argument("--save-merged", type=Path, help="write a merged model directory here")
-    ft.add_argument("--out", type=Path, help="write the full report as JSON here")
     ft.set_defaults(func=_finetune)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="the whole federation in one process: HSplitLoRA or a baseline, heterogeneous clients",
+        description="Simulate a federation of heterogeneous devices in one process: per-round train loss, "
+                    "validation perplexity, bytes each way, per-client plans, then test metrics.",
+    )
+    from hsplitlora.simulate import METHODS
+
+    sim.add_argument("--method", choices=METHODS, default="hsplitlora",
+                     help="hsplitlora (ours), splitlora, hetlora, flexlora, or cenlora (centralised upper bound)")
+    _common_training_args(sim)
+    sim.add_argument("--clients", type=int, default=5, help="number of devices (default: %(default)s)")
+    sim.add_argument("--rounds", type=int, default=3, help="aggregation rounds (default: %(default)s)")
+    sim.add_argument("--local-steps", type=int, default=4, help="local steps per client per round (default: %(default)s)")
+    sim.add_argument("--batch-size", type=int, default=4, help="examples per step (default: %(default)s)")
+    sim.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
+    sim.add_argument("--iid", action="store_true", help="IID shards (default: non-IID, by restaurant)")
+    sim.add_argument("--budget-spread", type=float, default=4.0,
+                     help="strongest / weakest device memory budget (default: %(default)s)")
+    sim.add_argument("--rank-set", default="2,4,8,16", help="the ranks Q the planner chooses from (default: %(default)s)")
+    sim.add_argument("--adapter-rank", type=int, default=16,
+                     help="rank of the SVD adapter --save-adapter writes for merging methods (default: %(default)s)")
+    sim.set_defaults(func=_simulate)
+
+    rep = sub.add_parser("report", help="a Markdown table and a validation-PPL plot of simulation results",
+                         description="Compare simulation result files: final test metrics per method, and "
+                                     "validation perplexity per round as a PNG plot.")
+    rep.add_argument("results", type=Path, nargs="+", help="results JSON files written by simulate --out")
+    rep.add_argument("--plot", type=Path, help="write the validation-PPL plot (PNG) here")
+    rep.set_defaults(func=_report)
     return parser
 
 

@@ -34,21 +34,25 @@ def _base_and_slice(model: PreTrainedModel, target: Target) -> tuple[nn.Module, 
     return layer.base, layer.slices[target.proj], layer.transposed
 
 
-def sensitivity(
-    model: PreTrainedModel, targets: list[Target], run_loss: Callable[[], torch.Tensor]
-) -> dict[Target, float]:
-    """g(W) for each target: mean |W * dL/dW| from one forward/backward of `run_loss()`.
+class SensitivityProbe:
+    """Hooks that score g(W) for the targets during whatever forward/backward runs inside `with`.
 
-    `run_loss` runs the forward pass through the blocks holding the targets and returns the loss;
-    only the hooks' captured inputs are kept, and each weight's gradient lives for one hook call.
+    Used around a real training step (the split step's two backward halves included), the scores
+    cost one extra (d_out x d_in) matmul per weight and nothing else. `scores` holds the sums over
+    the backward passes seen.
     """
-    scores: dict[Target, float] = {t: 0.0 for t in targets}
-    by_module: dict[nn.Module, list[tuple[Target, tuple[int, int], bool]]] = {}
-    for t in targets:
-        base, out_slice, transposed = _base_and_slice(model, t)
-        by_module.setdefault(base, []).append((t, out_slice, transposed))
 
-    def on_forward(module, inputs, output):
+    def __init__(self, model: PreTrainedModel, targets: list[Target]):
+        self.model = model
+        self.scores: dict[Target, float] = {t: 0.0 for t in targets}
+        self._by_module: dict[nn.Module, list[tuple[Target, tuple[int, int], bool]]] = {}
+        for t in targets:
+            base, out_slice, transposed = _base_and_slice(model, t)
+            self._by_module.setdefault(base, []).append((t, out_slice, transposed))
+        self._layers = sorted({t.layer for t in targets})
+        self._handles: list = []
+
+    def _on_forward(self, module, inputs, output):
         x = inputs[0].detach()
         if not output.requires_grad:
             return
@@ -56,33 +60,47 @@ def sensitivity(
         def on_grad(grad_out: torch.Tensor) -> None:
             xs = x.reshape(-1, x.shape[-1])
             gs = grad_out.reshape(-1, grad_out.shape[-1])
-            for target, (lo, hi), transposed in by_module[module]:
+            for target, (lo, hi), transposed in self._by_module[module]:
                 grad_w = gs[:, lo:hi].t() @ xs  # (d_out_slice, d_in), dropped after this line's use
                 w = module.weight[:, lo:hi].t() if transposed else module.weight[lo:hi]
-                scores[target] += float((w * grad_w).abs().mean())
+                self.scores[target] += float((w * grad_w).abs().mean())
 
         output.register_hook(on_grad)
 
-    def need_grad(module, args, kwargs):
-        # The frozen model has nothing that requires a gradient; mark each block's input so the
-        # backward pass reaches every hooked linear layer.
+    @staticmethod
+    def _need_grad(module, args, kwargs):
+        # A frozen model has nothing that requires a gradient before the first adapter; mark each
+        # block's input so the backward pass reaches every hooked linear layer.
         h = args[0]
         if not h.requires_grad:
             h = h.detach().requires_grad_(True)
         return (h, *args[1:]), kwargs
 
-    blocks = family_of(model).blocks(model)
-    handles = [m.register_forward_hook(on_forward) for m in by_module]
-    handles += [blocks[i].register_forward_pre_hook(need_grad, with_kwargs=True) for i in {t.layer for t in targets}]
-    try:
-        with torch.enable_grad():
-            run_loss().backward()
-    finally:
-        for h in handles:
+    def __enter__(self) -> SensitivityProbe:
+        blocks = family_of(self.model).blocks(self.model)
+        self._handles = [m.register_forward_hook(self._on_forward) for m in self._by_module]
+        self._handles += [blocks[i].register_forward_pre_hook(self._need_grad, with_kwargs=True)
+                          for i in self._layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
             h.remove()
-        for p in (p for f in _adapters_of(model) for p in f.parameters()):
-            p.grad = None  # the profiling pass must not leak gradients into the next optimizer step
-    return scores
+        self._handles = []
+
+
+def sensitivity(
+    model: PreTrainedModel, targets: list[Target], run_loss: Callable[[], torch.Tensor]
+) -> dict[Target, float]:
+    """g(W) for each target from one forward/backward of `run_loss()` (a profiling batch).
+
+    Adapter gradients of this pass are dropped so that it never leaks into an optimizer step.
+    """
+    with SensitivityProbe(model, targets) as probe, torch.enable_grad():
+        run_loss().backward()
+    for p in (p for f in _adapters_of(model) for p in f.parameters()):
+        p.grad = None
+    return probe.scores
 
 
 def _adapters_of(model: PreTrainedModel):

@@ -181,6 +181,31 @@ def apply_lora(
     return out
 
 
+def install_adapters(model: PreTrainedModel, factors: dict[Target, LoRAFactors]) -> None:
+    """Make exactly these adapter modules the model's adapters (no copy: training them trains these).
+
+    Swapping adapter sets is how one frozen model serves many clients, each with its own adapters.
+    """
+    for target in list(adapters(model)):
+        del lora_layer(model, target).adapters[target.proj]
+    for target, f in factors.items():
+        lora_layer(model, target).adapters[target.proj] = f
+
+
+def adapters_from_factors(model: PreTrainedModel, factors: dict[Target, tuple[torch.Tensor, torch.Tensor]],
+                          alpha: float | None = None) -> dict[Target, LoRAFactors]:
+    """Adapter modules holding given (A, B) pairs; alpha defaults to the rank (scale 1, for B with
+    the scale already folded in)."""
+    out = {}
+    for target, (a, b) in factors.items():
+        f = LoRAFactors(a.shape[1], b.shape[0], a.shape[0], alpha if alpha is not None else a.shape[0])
+        with torch.no_grad():
+            f.A.copy_(a)
+            f.B.copy_(b)
+        out[target] = f.to(lora_layer(model, target).base.weight.dtype)
+    return out
+
+
 def adapters(model: PreTrainedModel) -> dict[Target, LoRAFactors]:
     """Every adapter currently in the model, by target."""
     found: dict[Target, LoRAFactors] = {}
