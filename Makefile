@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench-methods clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The in-process federation until the networked demo lands: 5 heterogeneous clients, HSplitLoRA.
 demo: $(STAMP)
-	$(BIN)/hsplitlora finetune
+	$(BIN)/hsplitlora simulate --method hsplitlora --out runs/demo.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# All five methods on SmolLM2-135M + E2E (about 30 minutes); writes docs/benchmarks.md.
+bench-methods: $(STAMP)
+	$(BIN)/python bench/methods.py
 
 clean:
 	rm -rf $(VENV)
