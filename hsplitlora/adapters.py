@@ -21,7 +21,16 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hsplitlora.family import family_of
-from hsplitlora.lora import LoRAFactors, Target, adapters, apply_lora, lora_layer, merge_adapters, module_path, remove_lora
+from hsplitlora.lora import (
+    LoRAFactors,
+    Target,
+    adapters,
+    apply_lora,
+    lora_layer,
+    merge_adapters,
+    module_path,
+    remove_lora,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

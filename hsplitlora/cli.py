@@ -31,26 +31,22 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from hsplitlora.finetune import EvalConfig, FinetuneConfig, finetune
+    from hsplitlora.finetune import FinetuneConfig, finetune
     from hsplitlora.report import print_finetune_report
 
     cfg = FinetuneConfig(
         model=args.model, data=args.data, ranks=args.ranks, alpha=args.alpha, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, max_len=args.max_len, seed=args.seed,
         adapter_out=args.save_adapter, merged_out=args.save_merged,
-        eval=EvalConfig(loss_items=args.eval_items, generate_items=args.generate_items, coco=not args.no_coco),
+        eval=_eval_config(args),
     )
     report = finetune(cfg)
     print_finetune_report(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-        print(f"report written to {args.out}")
+    _write_json(args.out, report)
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from hsplitlora.finetune import EvalConfig
     from hsplitlora.planner import PlannerConfig
     from hsplitlora.report import print_simulation_report
     from hsplitlora.simulate import SimConfig, simulate
@@ -59,20 +55,37 @@ def _simulate(args: argparse.Namespace) -> int:
         method=args.method, model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
         local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
         alpha=args.alpha, seed=args.seed, iid=args.iid, budget_spread=args.budget_spread,
-        eval=EvalConfig(loss_items=args.eval_items, generate_items=args.generate_items, coco=not args.no_coco),
-        planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(","))),
+        eval=_eval_config(args),
+        planner=PlannerConfig(rank_set=_rank_set(args.rank_set)),
     )
     results = simulate(cfg, args.save_merged, args.save_adapter, args.adapter_rank)
     print_simulation_report(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"results written to {args.out}")
+    _write_json(args.out, results)
     return 0
 
 
+def _eval_config(args: argparse.Namespace):
+    from hsplitlora.finetune import EvalConfig
+
+    return EvalConfig(loss_items=args.eval_items, generate_items=args.generate_items, coco=not args.no_coco)
+
+
+def _rank_set(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise ValueError(f"--rank-set must be comma-separated integers, e.g. 2,4,8,16; got {text!r}") from None
+
+
+def _write_json(path: Path | None, obj: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1))
+        print(f"results written to {path}")
+
+
 def _report(args: argparse.Namespace) -> int:
-    from hsplitlora.report import load_results, results_table, plot_validation
+    from hsplitlora.report import load_results, plot_validation, results_table
 
     runs = load_results(args.results)
     print(results_table(runs))

@@ -19,13 +19,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hsplitlora.adapters import save_adapter, save_merged
 from hsplitlora.data import (
-    EvalItem, Example, batches, default_e2e_dir, endless_batches, eval_pairs, load_e2e_test, load_examples,
+    EvalItem,
+    Example,
+    batches,
+    default_e2e_dir,
+    endless_batches,
+    eval_pairs,
+    load_e2e_test,
+    load_examples,
 )
 from hsplitlora.family import num_layers
 from hsplitlora.generate import generate
 from hsplitlora.lora import apply_lora, parse_ranks
 from hsplitlora.metrics import e2e_scores, perplexity
 from hsplitlora.models import DEFAULT_MODEL, load_model
+from hsplitlora.report import jsonable
 from hsplitlora.split import whole_model
 from hsplitlora.train import make_optimizer, mean_loss
 
@@ -149,7 +157,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         save_merged(model, tokenizer, cfg.merged_out)
     gen_items = spread(items, cfg.eval.generate_items)
     return {
-        "config": _jsonable(asdict(cfg)),
+        "config": jsonable(asdict(cfg)),
         "before": before.summary(),
         "after": after.summary(),
         "train_losses": losses,
@@ -163,9 +171,3 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "no metrics"
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return str(obj) if isinstance(obj, Path) else obj

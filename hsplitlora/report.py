@@ -7,6 +7,17 @@ from typing import Sequence
 METRIC_ORDER = ("loss", "ppl", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
 
+def jsonable(obj):
+    """Config dataclass dicts made JSON-safe (paths as strings, tuples as lists)."""
+    from pathlib import Path
+
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence], fmt: str = "{:.4f}") -> str:
     """A Markdown table; floats formatted with `fmt`."""
     cells = [[fmt.format(c) if isinstance(c, float) else str(c) for c in row] for row in rows]

@@ -30,18 +30,37 @@ from hsplitlora.adapters import save_adapter, save_merged
 from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
 from hsplitlora.cost import ModelDims, StepShape, device_memory
 from hsplitlora.data import (
-    Batch, Example, batches, default_e2e_dir, endless_batches, load_e2e_test, load_examples, shard,
+    Batch,
+    Example,
+    batches,
+    default_e2e_dir,
+    endless_batches,
+    load_examples,
+    shard,
 )
 from hsplitlora.finetune import EvalConfig, evaluate, split_eval, spread
 from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import (
-    LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer,
+    LoRAFactors,
+    Target,
+    adapters_from_factors,
+    apply_lora,
+    install_adapters,
+    lora_layer,
 )
 from hsplitlora.metrics import perplexity
 from hsplitlora.models import DEFAULT_MODEL, load_model
 from hsplitlora.planner import (
-    Budget, Plan, PlannerConfig, minimum_budget, plan_device, server_ranks, should_replan, uniform_importance,
+    Budget,
+    Plan,
+    PlannerConfig,
+    minimum_budget,
+    plan_device,
+    server_ranks,
+    should_replan,
+    uniform_importance,
 )
+from hsplitlora.report import jsonable
 from hsplitlora.split import Segment, split_model, whole_model
 from hsplitlora.train import make_optimizer, mean_loss
 
@@ -296,6 +315,8 @@ class Federation:
             if scores:
                 mean = {t: sum(s[t] for s in scores) / len(scores) for t in scores[0]}
                 self.importance = self.tracker.update(mean, progress=r / max(cfg.rounds - 1, 1))
+                log.info("round %d: most important weights %s", r + 1,
+                         ", ".join(f"{t} {self.importance[t]:.3g}" for t in self.tracker.ranking()[:5]))
             if cfg.method != "cenlora":
                 self._aggregate()
             val = self.validation_loss()
@@ -303,6 +324,7 @@ class Federation:
                 "round": r + 1, "train_loss": sum(losses) / len(losses), "val_loss": val, "val_ppl": perplexity(val),
                 "seconds": time.perf_counter() - start, "bytes_up": self.bytes_up - up0,
                 "bytes_down": self.bytes_down - down0,
+                "importance": {str(t): v for t, v in sorted(self.importance.items())} if scores else {},
             }
             rounds.append(row)
             log.info("round %d: train loss %.3f, validation PPL %.2f, %.0f s, %.1f MB up, %.1f MB down", r + 1,
@@ -311,7 +333,7 @@ class Federation:
         after = evaluate(self.model, self.tokenizer, self.test_items, cfg.eval, cfg.max_len)
         return {
             "method": cfg.method,
-            "config": _jsonable(asdict(cfg)),
+            "config": jsonable(asdict(cfg)),
             "plans": plans,
             "final_plans": [self._plan_row(c) for c in self.clients],
             "rounds": rounds,
@@ -381,11 +403,3 @@ def simulate(cfg: SimConfig, merged_dir: Path | None = None, adapter_dir: Path |
     results = fed.run()
     fed.save(merged_dir, adapter_dir, adapter_rank, initial)
     return results
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return str(obj) if isinstance(obj, Path) else obj

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from conftest import FAMILY_MODELS
 from hsplitlora.data import Example, collate

@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 
 from conftest import FAMILY_MODELS
 from hsplitlora.cost import ModelDims, StepShape, comm_bytes, device_flops, device_memory, lora_bytes
-from hsplitlora.lora import Target, apply_lora, lora_layer, parse_ranks
+from hsplitlora.lora import Target, apply_lora, lora_layer
 from hsplitlora.models import load_model
 from hsplitlora.planner import (
     Budget,

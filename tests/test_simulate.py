@@ -10,7 +10,6 @@ from hsplitlora.cli import main
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.lora import lora_layer
 from hsplitlora.simulate import METHODS, Federation, SimConfig, simulate
-from hsplitlora.split import whole_model
 
 
 def _cfg(e2e_dir, method="hsplitlora", **kw):

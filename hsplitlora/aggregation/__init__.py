@@ -6,7 +6,12 @@ hetlora and flexlora.
 
 from hsplitlora.aggregation import fedavg, flexlora, hetlora, naa
 from hsplitlora.aggregation.base import (
-    AggregationResult, ClientUpdate, LowRank, aggregation_error, exact_update, normalised_weights,
+    AggregationResult,
+    ClientUpdate,
+    LowRank,
+    aggregation_error,
+    exact_update,
+    normalised_weights,
 )
 
 AGGREGATORS = {

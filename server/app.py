@@ -1,0 +1,274 @@
+"""The aiohttp service: registration, split steps, rounds, status. See docs/protocol.md.
+
+Control messages are JSON; tensors travel as safetensors bytes and are checked (dtype, shape
+against the client's plan, finiteness, size) before anything uses them. Every refusal is a 4xx
+with `{"error": "..."}` and leaves the state as it was. Model work runs in a worker thread so the
+event loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import torch
+from aiohttp import web
+
+from hsplitlora.lora import Target
+from hsplitlora.planner import PlanError
+from hsplitlora.wire import TensorSpec, WireError, decode, encode
+from server.config import ServerConfig
+from server.store import Store
+from server.trainer import ServerTrainer
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+PUBLIC = {"/healthz", "/v1/register", "/v1/status"}
+STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
+CLIENT: web.RequestKey[str] = web.RequestKey("client", str)
+WATCH: web.AppKey[asyncio.Task] = web.AppKey("watch", asyncio.Task)
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    """Bearer-token authentication for every non-public route; errors as JSON."""
+    state: ServerState = request.app[STATE]
+    if request.path not in PUBLIC:
+        header = request.headers.get("Authorization", "")
+        client_id = state.store.authenticate(header[7:]) if header.startswith("Bearer ") else None
+        if client_id is None or client_id not in state.trainer.clients:
+            return error(401, "missing or invalid bearer token")
+        request[CLIENT] = client_id
+    try:
+        return await handler(request)
+    except WireError as e:
+        return error(400, str(e))
+    except web.HTTPRequestEntityTooLarge as e:
+        return error(413, f"request body over the limit of {state.limit} bytes")
+    except web.HTTPException as e:
+        if e.content_type == "application/json":
+            raise
+        return error(e.status, e.reason)
+
+
+class ServerState:
+    """Everything the handlers share: store, trainer, the open round and its replies."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.store = Store(cfg.state)
+        self.trainer = ServerTrainer(cfg, self.store)
+        self.round = self.store.current_round()
+        self.round_started = time.time()
+        self.limit = cfg.request_limit(self.trainer.dims.hidden, self._adapter_bytes())
+        self.aggregating = asyncio.Lock()
+        self.scores: dict[str, dict[Target, float]] = {}
+
+    def _adapter_bytes(self) -> int:
+        q = self.cfg.planner.rank_set[-1]
+        return sum(8 * q * sum(self.trainer.dims.weight_shape(t.proj)) for t in self.trainer.targets)
+
+    async def run_model(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def maybe_aggregate(self, force: bool = False) -> None:
+        """Aggregate the open round once enough clients uploaded (or, if forced, any did)."""
+        async with self.aggregating:
+            number = self.round
+            uploads = self.store.uploads(number)
+            if not uploads or (len(uploads) < self.cfg.clients_per_round and not force):
+                return
+            log.info("round %d: aggregating %d client(s)", number, len(uploads))
+            scores = {c: self.scores.get(c, {}) for c in uploads}
+            replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
+            for client_id, tensors in replies.items():
+                plan = self.trainer.clients[client_id].plan
+                self.store.set_plan(client_id, plan.to_dict())
+                self.store.save_tensors(f"rounds/{number}/update-{client_id}.safetensors",
+                                        tensors or {"empty": torch.zeros(0)})
+            self.store.complete_round(number)
+            self.round, self.round_started, self.scores = number + 1, time.time(), {}
+
+    async def deadline_watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if time.time() - self.round_started > self.cfg.round_deadline_s:
+                await self.maybe_aggregate(force=True)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def register(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    try:
+        body = await request.json()
+        profile, examples = dict(body["profile"]), int(body["examples"])
+        memory = float(profile["memory_bytes"])
+    except (ValueError, KeyError, TypeError):
+        return error(400, 'expected JSON {"profile": {"memory_bytes": N, ...}, "examples": N}')
+    if examples < 1 or not memory > 0:
+        return error(400, "examples must be >= 1 and profile.memory_bytes > 0")
+    try:
+        plan = await state.run_model(state.trainer.plan_for, profile)
+    except PlanError as e:
+        return error(422, str(e))
+    client_id, token = state.store.register(profile, examples)
+    await state.run_model(state.trainer.add_client, client_id, examples, profile, plan)
+    state.store.set_plan(client_id, plan.to_dict())
+    log.info("registered %s: split %d, %d device adapters", client_id, plan.split, len(plan.ranks))
+    return web.json_response({
+        "client_id": client_id, "token": token, "round": state.round, "plan": plan.to_dict(),
+        "settings": state.cfg.client_settings(),
+    })
+
+
+def _int_query(request: web.Request, name: str) -> int:
+    try:
+        return int(request.query[name])
+    except (KeyError, ValueError):
+        raise web.HTTPBadRequest(reason=f"query parameter {name!r} (an integer) is required") from None
+
+
+async def me(request: web.Request) -> web.Response:
+    """A client resuming with its token: its id, the open round, its plan and the settings."""
+    state: ServerState = request.app[STATE]
+    client_id = request[CLIENT]
+    return web.json_response({"client_id": client_id, "round": state.round,
+                              "plan": state.trainer.clients[client_id].plan.to_dict(),
+                              "settings": state.cfg.client_settings()})
+
+
+async def step(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    client_id = request[CLIENT]
+    round_number, step_number = _int_query(request, "round"), _int_query(request, "step")
+    if round_number != state.round:
+        return error(409, f"round {round_number} is not the open round ({state.round})")
+    if not 0 <= step_number < state.cfg.local_steps:
+        return error(400, f"step must be in [0, {state.cfg.local_steps})")
+    body = await request.read()
+    cfg, d = state.cfg, state.trainer.dims.hidden
+    tensors = decode(body, {
+        "h": TensorSpec((None, None, d)),
+        "attention_mask": TensorSpec((None, None), (torch.int64,)),
+        "labels": TensorSpec((None, None), (torch.int64,)),
+    }, state.limit)
+    h, mask, labels = tensors["h"], tensors["attention_mask"], tensors["labels"]
+    b, t = h.shape[:2]
+    if mask.shape != (b, t) or labels.shape != (b, t):
+        raise WireError(f"attention_mask and labels must be {b}x{t} like h")
+    if not (1 <= b <= cfg.batch_size and 2 <= t <= cfg.max_len):
+        raise WireError(f"batch x seq {b}x{t} outside 1..{cfg.batch_size} x 2..{cfg.max_len}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise WireError("attention_mask must hold only 0 and 1")
+    vocab = state.trainer.dims.vocab
+    if not bool(((labels == IGNORE) | ((labels >= 0) & (labels < vocab))).all()):
+        raise WireError(f"labels must be -100 or token ids in [0, {vocab})")
+    if not bool((labels[:, 1:] != IGNORE).any()):
+        raise WireError("labels mark no token to learn")
+    grad, loss, trained = await state.run_model(state.trainer.step, client_id, round_number, step_number,
+                                                h, mask, labels)
+    if trained:
+        state.store.record_step(round_number, client_id, step_number, loss)
+    return web.Response(body=encode({"grad": grad}, state.cfg.wire), content_type="application/octet-stream",
+                        headers={"X-Loss": repr(loss), "X-Retried": str(not trained).lower()})
+
+
+async def upload_adapters(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    client_id = request[CLIENT]
+    round_number = int(request.match_info["round"])
+    if round_number != state.round:
+        return error(409, f"round {round_number} is not the open round ({state.round})")
+    plan = state.trainer.clients[client_id].plan
+    specs = {}
+    for t, r in plan.ranks.items():
+        d_in, d_out = state.trainer.dims.weight_shape(t.proj)
+        specs[f"{t}.A"] = TensorSpec((r, d_in), (torch.float32,))
+        specs[f"{t}.B"] = TensorSpec((d_out, r), (torch.float32,))
+    tensors = decode(await request.read(), specs, state.limit)
+    scores_header = request.headers.get("X-Importance")
+    scores = {}
+    if scores_header:
+        try:
+            scores = {Target.parse(k): float(v) for k, v in json.loads(scores_header).items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            return error(400, f"X-Importance must be a JSON object of '<layer>.<proj>': score ({e})")
+    state.store.record_upload(round_number, client_id, tensors)
+    state.scores[client_id] = scores
+    await state.maybe_aggregate()
+    return web.json_response({"round": round_number, "accepted": True, "open_round": state.round}, status=202)
+
+
+async def round_update(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    client_id = request[CLIENT]
+    round_number = int(request.match_info["round"])
+    if round_number >= state.round:
+        uploaded = len(state.store.uploads(state.round))
+        return web.json_response({"status": "waiting", "round": state.round, "uploaded": uploaded,
+                                  "needed": state.cfg.clients_per_round}, status=202)
+    tensors = state.store.load_tensors(f"rounds/{round_number}/update-{client_id}.safetensors")
+    if tensors is None:
+        return error(404, f"no update for this client in round {round_number}")
+    tensors.pop("empty", None)
+    plan = state.trainer.clients[client_id].plan
+    return web.Response(body=encode(tensors, "fp32"), content_type="application/octet-stream",
+                        headers={"X-Plan": json.dumps(plan.to_dict()), "X-Round": str(state.round)})
+
+
+async def deltas(request: web.Request) -> web.Response:
+    """The merged deltas of the client's device blocks, for a device joining after round 1."""
+    state: ServerState = request.app[STATE]
+    split = state.trainer.clients[request[CLIENT]].plan.split
+    tensors = {k: v for k, v in state.trainer.deltas().items() if Target.parse(k).layer < split}
+    return web.Response(body=encode(tensors or {}, "fp32"), content_type="application/octet-stream")
+
+
+async def status(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    losses = state.store.losses(state.round) or state.store.losses(state.round - 1)
+    return web.json_response({
+        "round": state.round,
+        "completed_rounds": state.store.completed_rounds(),
+        "uploaded": len(state.store.uploads(state.round)),
+        "clients": [
+            {"id": c.id, "split": c.plan.split, "device_adapters": len(c.plan.ranks),
+             "predicted_memory_mb": c.plan.predicted_memory.total / 2**20, "loss": losses.get(c.id)}
+            for c in state.trainer.clients.values()
+        ],
+    })
+
+
+def make_app(cfg: ServerConfig) -> web.Application:
+    """The application for a config (state is loaded, or created, under cfg.state)."""
+    state = ServerState(cfg)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=state.limit)
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/v1/register", register)
+    app.router.add_post("/v1/steps", step)
+    app.router.add_put("/v1/rounds/{round:\\d+}/adapters", upload_adapters)
+    app.router.add_get("/v1/rounds/{round:\\d+}/update", round_update)
+    app.router.add_get("/v1/deltas", deltas)
+    app.router.add_get("/v1/me", me)
+    app.router.add_get("/v1/status", status)
+
+    async def start_watch(app: web.Application) -> None:
+        app[WATCH] = asyncio.create_task(state.deadline_watch())
+
+    async def stop_watch(app: web.Application) -> None:
+        app[WATCH].cancel()
+        state.store.close()
+
+    app.on_startup.append(start_watch)
+    app.on_cleanup.append(stop_watch)
+    return app

@@ -1,0 +1,170 @@
+"""The server's durable state: one SQLite file (clients, plans, rounds, metrics) + safetensors files.
+
+Tokens are stored only as SHA-256 hashes. Every write is a transaction, so a server killed at any
+moment restarts from a consistent state; tensors are written to a temporary file and renamed, so
+a file on disk is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    profile TEXT NOT NULL,
+    examples INTEGER NOT NULL,
+    plan TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    number INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'complete')),
+    started REAL NOT NULL,
+    completed REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL REFERENCES clients(id),
+    step INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (round, client, step)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL REFERENCES clients(id),
+    path TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (round, client)
+);
+"""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """A registered client as the store keeps it."""
+
+    id: str
+    profile: dict
+    examples: int
+    plan: dict | None
+
+
+class Store:
+    """SQLite + safetensors state under one directory (`--state DIR`)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "state.sqlite", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ----- clients -----------------------------------------------------------------------------
+    def register(self, profile: dict, examples: int) -> tuple[str, str]:
+        """A new client: (id, bearer token). Only the token's hash is stored."""
+        client_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
+        self.db.execute(
+            "INSERT INTO clients (id, token_hash, profile, examples, created) VALUES (?, ?, ?, ?, ?)",
+            (client_id, hash_token(token), json.dumps(profile), int(examples), time.time()),
+        )
+        return client_id, token
+
+    def authenticate(self, token: str) -> str | None:
+        """The id of the client holding this token, or None."""
+        digest = hash_token(token)
+        row = self.db.execute("SELECT id, token_hash FROM clients WHERE token_hash = ?", (digest,)).fetchone()
+        # The lookup is by hash; compare_digest keeps the final check constant-time anyway.
+        return row[0] if row and hmac.compare_digest(row[1], digest) else None
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        row = self.db.execute("SELECT id, profile, examples, plan FROM clients WHERE id = ?", (client_id,)).fetchone()
+        return None if row is None else ClientRecord(row[0], json.loads(row[1]), row[2],
+                                                     json.loads(row[3]) if row[3] else None)
+
+    def clients(self) -> list[ClientRecord]:
+        rows = self.db.execute("SELECT id FROM clients ORDER BY created, id").fetchall()
+        return [self.client(r[0]) for r in rows]
+
+    def set_plan(self, client_id: str, plan: dict) -> None:
+        self.db.execute("UPDATE clients SET plan = ? WHERE id = ?", (json.dumps(plan), client_id))
+
+    # ----- rounds and metrics ------------------------------------------------------------------
+    def current_round(self) -> int:
+        """The open round's number, opening round 1 on a fresh state."""
+        row = self.db.execute("SELECT number FROM rounds WHERE status = 'open' ORDER BY number DESC").fetchone()
+        if row:
+            return row[0]
+        last = self.db.execute("SELECT MAX(number) FROM rounds").fetchone()[0] or 0
+        self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (last + 1, time.time()))
+        return last + 1
+
+    def complete_round(self, number: int) -> None:
+        """Close a round and open the next one, in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE rounds SET status = 'complete', completed = ? WHERE number = ?", (time.time(), number))
+            self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (number + 1, time.time()))
+
+    def completed_rounds(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM rounds WHERE status = 'complete'").fetchone()[0]
+
+    def record_step(self, round_number: int, client_id: str, step: int, loss: float) -> bool:
+        """Record a trained step; False if this (round, client, step) was already recorded (a retry)."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO metrics (round, client, step, loss, at) VALUES (?, ?, ?, ?, ?)",
+            (round_number, client_id, step, float(loss), time.time()),
+        )
+        return cur.rowcount == 1
+
+    def losses(self, round_number: int) -> dict[str, float]:
+        """Mean loss per client in a round."""
+        rows = self.db.execute("SELECT client, AVG(loss) FROM metrics WHERE round = ? GROUP BY client",
+                               (round_number,)).fetchall()
+        return dict(rows)
+
+    # ----- tensors -----------------------------------------------------------------------------
+    def save_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """Write a safetensors file atomically (temporary file + rename)."""
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def load_tensors(self, relative: str) -> dict[str, torch.Tensor] | None:
+        path = self.root / relative
+        return load_file(str(path)) if path.is_file() else None
+
+    def record_upload(self, round_number: int, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a client's round adapters; the row is written after the file, so it never dangles."""
+        path = self.save_tensors(f"rounds/{round_number}/{client_id}.safetensors", tensors)
+        self.db.execute("INSERT OR REPLACE INTO uploads (round, client, path, at) VALUES (?, ?, ?, ?)",
+                        (round_number, client_id, str(path.relative_to(self.root)), time.time()))
+
+    def uploads(self, round_number: int) -> dict[str, dict[str, torch.Tensor]]:
+        rows = self.db.execute("SELECT client, path FROM uploads WHERE round = ?", (round_number,)).fetchall()
+        return {client: load_file(str(self.root / path)) for client, path in rows}

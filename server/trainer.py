@@ -1,0 +1,200 @@
+"""The server's model work: each client's server segment and adapters, aggregation, plans.
+
+One frozen base model serves every client; each client has its own server-side adapters and
+optimizer, swapped in for its steps (design §3.1). All model work runs under one lock, off the
+event loop. The merged weights are kept as cumulative deltas against the base checkpoint, so a
+restarted server rebuilds them exactly and a device that takes over new blocks can be sent them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
+from hsplitlora.cost import ModelDims, StepShape
+from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
+from hsplitlora.lora import LoRAFactors, Target, apply_lora, install_adapters, lora_layer
+from hsplitlora.models import load_model
+from hsplitlora.planner import Budget, Plan, plan_device, server_ranks, should_replan, uniform_importance
+from hsplitlora.split import Segment
+from hsplitlora.train import make_optimizer
+from server.config import ServerConfig
+from server.store import Store
+
+log = logging.getLogger(__name__)
+DELTAS = "deltas/merged.safetensors"
+
+
+def budget_of(profile: dict) -> Budget:
+    """The budget a device declared in its profile."""
+    return Budget(float(profile["memory_bytes"]), profile.get("flops_per_step"))
+
+
+@dataclass
+class ServerClient:
+    """What the server keeps in memory for one client during a round."""
+
+    id: str
+    examples: int
+    budget: Budget
+    speed: float | None
+    plan: Plan
+    factors: dict[Target, LoRAFactors] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    scores: dict[Target, float] = field(default_factory=dict)
+    last_step: tuple[int, int] | None = None  # (round, step) of the last trained step
+    last_reply: tuple[torch.Tensor, float] | None = None  # its gradient and loss, for a retry
+
+
+class ServerTrainer:
+    """Server segments, adapters, aggregation and planning for every client."""
+
+    def __init__(self, cfg: ServerConfig, store: Store):
+        if cfg.method != "naa":
+            raise ValueError(f"the networked server aggregates with naa only for now, not {cfg.method!r}")
+        self.cfg, self.store = cfg, store
+        self.model, _ = load_model(cfg.model)
+        self.dims = ModelDims.from_config(self.model.config)
+        self.shape = StepShape(cfg.batch_size, cfg.max_len)
+        self.lock = threading.Lock()
+        self.targets = all_targets(self.model)
+        self.base = {t: lora_layer(self.model, t).weight_slice(t.proj).detach().clone() for t in self.targets}
+        deltas = store.load_tensors(DELTAS) or {}
+        for t in self.targets:
+            if str(t) in deltas:
+                lora_layer(self.model, t).add_to_weight(t.proj, deltas[str(t)])
+        self.importance = uniform_importance(self.dims, cfg.planner)
+        self.clients: dict[str, ServerClient] = {}
+        self.segments: dict[int, Segment] = {}
+        for record in store.clients():
+            if record.plan:
+                self._adopt(record.id, record.examples, record.profile, Plan.from_dict(record.plan))
+
+    # ----- clients and plans -------------------------------------------------------------------
+    def _plan(self, budget: Budget, speed: float | None) -> Plan:
+        # A device given a relative speed takes at most its share of its pipeline's compute, the
+        # server counting as two of the weakest devices per client (as in the simulation).
+        share = speed / (speed + 2.0) if speed else None
+        return plan_device(self.dims, self.importance, budget, self.shape, self.cfg.planner, share)
+
+    def _adopt(self, client_id: str, examples: int, profile: dict, plan: Plan) -> ServerClient:
+        client = ServerClient(client_id, examples, budget_of(profile), profile.get("relative_speed"), plan)
+        self.clients[client_id] = client
+        self._fresh_adapters(client)
+        return client
+
+    def plan_for(self, profile: dict) -> Plan:
+        """The plan a device with this profile would get now (raises PlanError if none fits)."""
+        with self.lock:
+            return self._plan(budget_of(profile), profile.get("relative_speed"))
+
+    def add_client(self, client_id: str, examples: int, profile: dict, plan: Plan) -> None:
+        with self.lock:
+            self._adopt(client_id, examples, profile, plan)
+
+    def _fresh_adapters(self, client: ServerClient) -> None:
+        ranks = server_ranks(self.dims, client.plan.split, self.importance, self.cfg.planner)
+        install_adapters(self.model, {})
+        client.factors = apply_lora(self.model, ranks, self.cfg.alpha)
+        client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
+        client.scores, client.last_step, client.last_reply = {}, None, None
+
+    def _segment(self, split: int) -> Segment:
+        if split not in self.segments:
+            self.segments[split] = Segment(self.model, split, self.dims.layers, embed=False, head=True)
+        return self.segments[split]
+
+    # ----- the split step ----------------------------------------------------------------------
+    def step(self, client_id: str, round_number: int, step: int, h: torch.Tensor, mask: torch.Tensor,
+             labels: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """Train client's server side on one batch: (dL/dh, loss, trained). A retry is answered again."""
+        with self.lock:
+            client = self.clients[client_id]
+            if client.last_step == (round_number, step):
+                grad, loss = client.last_reply
+                return grad, loss, False
+            install_adapters(self.model, client.factors)
+            self.model.train()
+            h = h.detach().requires_grad_(True)
+            server = self._segment(client.plan.split)
+            probe_targets = [t for t in self.targets if t.layer >= client.plan.split] if not client.scores else []
+            with SensitivityProbe(self.model, probe_targets) as probe:
+                loss = server.loss(h, mask, labels)
+                loss.backward()
+            if probe_targets:
+                client.scores = resource_normalised(self.model, probe.scores)
+            client.optimizer.step()
+            client.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            client.last_step, client.last_reply = (round_number, step), (h.grad.detach(), loss.item())
+            return h.grad.detach(), loss.item(), True
+
+    # ----- aggregation -------------------------------------------------------------------------
+    def aggregate(self, uploads: dict[str, dict[str, torch.Tensor]], device_scores: dict[str, dict[Target, float]],
+                  round_number: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Merge one round (the uploading clients' device + server adapters) and re-plan everyone.
+
+        Returns, per client, the tensors of its update: for each changed weight of its device
+        blocks the stacked factors ('<t>.A', '<t>.B', scale folded in), and for blocks a new plan
+        moves onto the device the merged delta against the base checkpoint ('<t>.delta').
+        """
+        with self.lock:
+            updates: dict[Target, list[ClientUpdate]] = {}
+            for client_id, tensors in uploads.items():
+                client = self.clients[client_id]
+                for key in tensors:
+                    if key.endswith(".A"):
+                        t = Target.parse(key[:-2])
+                        a, b = tensors[key], tensors[key[:-2] + ".B"]
+                        updates.setdefault(t, []).append(
+                            ClientUpdate(client_id, a, b, self.cfg.alpha / a.shape[0], float(client.examples)))
+                for t, f in client.factors.items():
+                    updates.setdefault(t, []).append(
+                        ClientUpdate(client_id, f.A.detach(), f.B.detach(), f.scale, float(client.examples)))
+            merged: dict[Target, LowRank] = {}
+            for t, ups in sorted(updates.items()):
+                merged[t] = AGGREGATORS[self.cfg.method](ups).global_update
+                lora_layer(self.model, t).add_to_weight(t.proj, merged[t].dense())
+            self._update_importance(uploads, device_scores)
+            replies = {}
+            for client in self.clients.values():
+                old_split = client.plan.split
+                new = self._plan(client.budget, client.speed)
+                if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
+                    client.plan = new
+                replies[client.id] = self._update_payload(merged, old_split, client.plan.split)
+                self._fresh_adapters(client)
+            self.store.save_tensors(DELTAS, self.deltas())
+            return replies
+
+    def _update_importance(self, uploads, device_scores) -> None:
+        rows = [{**device_scores.get(cid, {}), **self.clients[cid].scores} for cid in uploads]
+        rows = [r for r in rows if r]
+        if rows:
+            keys = set().union(*rows)
+            self.importance = {t: sum(r.get(t, 0.0) for r in rows) / len(rows) for t in keys}
+
+    def _update_payload(self, merged: dict[Target, LowRank], old_split: int, new_split: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for t, update in merged.items():
+            if t.layer < old_split:
+                out[f"{t}.A"], out[f"{t}.B"] = update.A, update.B
+        for t in self.targets:
+            if old_split <= t.layer < new_split:
+                delta = lora_layer(self.model, t).weight_slice(t.proj).detach() - self.base[t]
+                if delta.abs().max() > 0:
+                    out[f"{t}.delta"] = delta
+        return out
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Merged weights as deltas against the base checkpoint (only weights that changed)."""
+        out = {}
+        for t in self.targets:
+            delta = lora_layer(self.model, t).weight_slice(t.proj).detach() - self.base[t]
+            if delta.abs().max() > 0:
+                out[str(t)] = delta.clone()
+        return out

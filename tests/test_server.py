@@ -1,0 +1,126 @@
+"""A real aiohttp server on 127.0.0.1 with real SDK clients, on a tiny model."""
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+import torch
+from aiohttp import web
+
+from edge_sdk.client import AsyncClient, ServerError
+from hsplitlora.data import load_e2e_train, shard
+from hsplitlora.lora import lora_layer
+from hsplitlora.wire import encode
+from server.app import STATE, make_app
+from server.config import ServerConfig
+
+
+@asynccontextmanager
+async def running_server(cfg: ServerConfig):
+    app = make_app(cfg)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}", app[STATE]
+    finally:
+        await runner.cleanup()
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,
+                clients_per_round=2)
+    base.update(kw)
+    return ServerConfig(**base)
+
+
+def test_two_clients_train_rounds_and_end_with_the_servers_merged_weights(tmp_path, e2e_dir):
+    shards = shard(load_e2e_train(e2e_dir)[:200], 2, iid=False)
+
+    async def main():
+        async with running_server(_cfg(tmp_path)) as (url, state):
+            clients = [AsyncClient(url, shards[0], memory_budget=12e6), AsyncClient(url, shards[1], memory_budget=40e6)]
+            reports = await asyncio.gather(*(c.run(rounds=2) for c in clients))
+            assert state.store.completed_rounds() == 2 and state.round == 3
+            for c in clients:
+                for t in c.base:
+                    if t.layer < c.plan.split:
+                        mine = lora_layer(c.model, t).weight_slice(t.proj)
+                        theirs = lora_layer(state.trainer.model, t).weight_slice(t.proj)
+                        assert torch.allclose(mine, theirs, atol=1e-6), (c.client_id, t)
+            async with aiohttp.ClientSession() as s, s.get(url + "/v1/status") as r:
+                status = await r.json()
+            return reports, status, clients
+
+    reports, status, clients = asyncio.run(main())
+    assert all(len(r) == 2 and all(len(x.losses) == 2 for x in r) for r in reports)
+    assert len(status["clients"]) == 2 and status["completed_rounds"] == 2
+    assert clients[0].plan.split <= clients[1].plan.split
+
+
+def test_bad_requests_are_refused_with_4xx_and_change_nothing(tmp_path, e2e_dir):
+    examples = load_e2e_train(e2e_dir)[:20]
+
+    async def main():
+        async with running_server(_cfg(tmp_path, clients_per_round=1)) as (url, state):
+            client = AsyncClient(url, examples, memory_budget=15e6)
+            await client.register()
+            server_client = state.trainer.clients[client.client_id]
+            before = {t: f.A.detach().clone() for t, f in server_client.factors.items()}
+            d = state.trainer.dims.hidden
+            good = {"h": torch.randn(1, 8, d), "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                    "labels": torch.full((1, 8), 5, dtype=torch.long)}
+            nan = dict(good, h=good["h"].clone())
+            nan["h"][0, 0, 0] = float("nan")
+            cases = {
+                "garbage": (b"not tensors", 400, "safetensors"),
+                "wrong hidden size": (encode(dict(good, h=torch.randn(1, 8, d + 1))), 400, "shape"),
+                "NaN": (encode(nan), 400, "NaN"),
+                "bad labels": (encode(dict(good, labels=torch.full((1, 8), 10**6, dtype=torch.long))), 400, "labels"),
+                "oversize": (b"\0" * (state.limit + 10), 413, "limit"),
+            }
+            results = {}
+            async with aiohttp.ClientSession() as s:
+                auth = {"Authorization": f"Bearer {client.token}"}
+                for name, (body, want, text) in cases.items():
+                    async with s.post(f"{url}/v1/steps?round=1&step=0", data=body, headers=auth) as r:
+                        results[name] = (r.status, (await r.json())["error"], want, text)
+                async with s.post(f"{url}/v1/steps?round=7&step=0", data=encode(good), headers=auth) as r:
+                    results["wrong round"] = (r.status, (await r.json())["error"], 409, "open round")
+                async with s.post(f"{url}/v1/steps?round=1&step=0", data=encode(good),
+                                  headers={"Authorization": "Bearer nope"}) as r:
+                    results["bad token"] = (r.status, (await r.json())["error"], 401, "token")
+                async with s.post(f"{url}/v1/register", data=b"{}") as r:
+                    results["bad registration"] = (r.status, (await r.json())["error"], 400, "memory_bytes")
+                # A retried step is answered again, not trained twice.
+                first = await s.post(f"{url}/v1/steps?round=1&step=0", data=encode(good), headers=auth)
+                after_first = {t: f.A.detach().clone() for t, f in server_client.factors.items()}
+                second = await s.post(f"{url}/v1/steps?round=1&step=0", data=encode(good), headers=auth)
+                retried = (first.headers["X-Retried"], second.headers["X-Retried"], await first.read() == await second.read())
+                changed_by_retry = any(not torch.equal(after_first[t], f.A) for t, f in server_client.factors.items())
+            untouched = all(torch.equal(before[t], after_first[t]) for t in before)  # only Adam on B moved
+            await client.close()
+            return results, retried, changed_by_retry, untouched, state.store.losses(1)
+
+    results, retried, changed_by_retry, untouched, losses = asyncio.run(main())
+    for name, (status, message, want, text) in results.items():
+        assert status == want and text in message, (name, status, message)
+    assert retried == ("false", "true", True) and not changed_by_retry
+    assert len(losses) == 1  # only the one good step was recorded
+
+
+def test_registration_beyond_the_minimum_budget_is_refused_with_the_reason(tmp_path, e2e_dir):
+    async def main():
+        async with running_server(_cfg(tmp_path)) as (url, _):
+            client = AsyncClient(url, load_e2e_train(e2e_dir)[:4], memory_budget=1000)
+            try:
+                with pytest.raises(ServerError, match="422"):
+                    await client.register()
+            finally:
+                await client.close()
+
+    asyncio.run(main())
