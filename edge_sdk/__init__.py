@@ -1,1 +1,5 @@
-"""Device side of hsplitlora: runtimes, profiler and the client loop (being built; see the issues)."""
+"""Device side of hsplitlora: the client an app embeds (`Client`, `AsyncClient`) and its runtimes."""
+
+from edge_sdk.client import AsyncClient, Client, RoundReport, ServerError
+
+__all__ = ["AsyncClient", "Client", "RoundReport", "ServerError"]

@@ -64,6 +64,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from hsplitlora.demo import DemoConfig, print_demo_report, run_demo
+
+    result = run_demo(DemoConfig(model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
+                                 local_steps=args.local_steps, max_len=args.max_len, eval=_eval_config(args)))
+    print_demo_report(result)
+    _write_json(args.out, result)
+    return 0
+
+
 def _eval_config(args: argparse.Namespace):
     from hsplitlora.finetune import EvalConfig
 
@@ -159,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--adapter-rank", type=int, default=16,
                      help="rank of the SVD adapter --save-adapter writes for merging methods (default: %(default)s)")
     sim.set_defaults(func=_simulate)
+
+    from edge_sdk import cli as edge_cli
+    from server import cli as server_cli
+
+    server_cli.add_parser(sub)
+    edge_cli.add_parser(sub)
+
+    demo = sub.add_parser(
+        "demo", help="a server and several heterogeneous client processes on 127.0.0.1, end to end",
+        description="Start `hsplitlora server` and K `hsplitlora client` processes with heterogeneous memory "
+                    "budgets on 127.0.0.1, fine-tune on non-IID E2E shards with HSplitLoRA, then print the "
+                    "per-client plans, the per-round table and a before/after evaluation.",
+    )
+    _model_arg(demo)
+    demo.add_argument("--data", type=Path, default=default_e2e_dir(), help="E2E directory or JSONL (default: %(default)s)")
+    demo.add_argument("--clients", type=int, default=5, help="client processes (default: %(default)s)")
+    demo.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
+    demo.add_argument("--local-steps", type=int, default=4, help="local steps per round (default: %(default)s)")
+    demo.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
+    demo.add_argument("--eval-items", type=int, default=20, help="test inputs for the test loss (default: %(default)s)")
+    demo.add_argument("--generate-items", type=int, default=40, help="test inputs generated (default: %(default)s)")
+    demo.add_argument("--no-coco", action="store_true", help="skip METEOR/ROUGE-L/CIDEr (Java, ~20 s)")
+    demo.add_argument("--out", type=Path, help="write the results as JSON here")
+    demo.set_defaults(func=_demo)
 
     rep = sub.add_parser("report", help="a Markdown table and a validation-PPL plot of simulation results",
                          description="Compare simulation result files: final test metrics per method, and "

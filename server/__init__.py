@@ -1,1 +1,1 @@
-"""The aiohttp backend of hsplitlora: routes, rounds, server-side trainer, storage (being built)."""
+"""The aiohttp backend of hsplitlora: routes (`app`), model work (`trainer`), state (`store`)."""

@@ -241,7 +241,8 @@ async def status(request: web.Request) -> web.Response:
         "completed_rounds": state.store.completed_rounds(),
         "uploaded": len(state.store.uploads(state.round)),
         "clients": [
-            {"id": c.id, "split": c.plan.split, "device_adapters": len(c.plan.ranks),
+            {"id": c.id, "budget_mb": c.budget.memory_bytes / 2**20, "split": c.plan.split,
+             "device_adapters": len(c.plan.ranks),
              "predicted_memory_mb": c.plan.predicted_memory.total / 2**20, "loss": losses.get(c.id)}
             for c in state.trainer.clients.values()
         ],

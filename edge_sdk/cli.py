@@ -1,0 +1,91 @@
+"""`hsplitlora client`: take part in a federation from this device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def parse_bytes(text: str) -> float:
+    """'2GB', '512MiB', '1.5e9' -> bytes (powers of 1024 for GiB/MiB, of 1000 for GB/MB)."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 2GB, 512MiB or a number of bytes)")
+    number, prefix, binary = float(match[1]), match[2].upper(), bool(match[3])
+    return number * (1024 if binary else 1000) ** " KMGT".index(prefix or " ")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "client", help="train on this device's data with a server (split learning + LoRA)",
+        description="Register with a server (or resume with --token), then run rounds: the first blocks of "
+                    "the model train here on your data; only activations, labels and adapters leave the device.",
+    )
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--data", type=Path, required=True, help="JSONL of {\"prompt\", \"completion\"} or an E2E directory")
+    p.add_argument("--token", help="resume as the client holding this token (printed at first registration)")
+    p.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("2GB"),
+                   help="memory this device may use for training (default: 2GB)")
+    p.add_argument("--relative-speed", type=float, help="this device's compute relative to the weakest (optional)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds to take part in (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch threads on this device (default: torch's choice)")
+    p.add_argument("--save", type=Path, help="write the device's merged weights and plan here at the end")
+    p.add_argument("--progress-json", action="store_true",
+                   help="print one JSON object per step instead of a progress bar (for supervisors)")
+    p.add_argument("--cafile", type=Path, help="CA certificate to trust for an HTTPS server")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ssl
+
+    import torch
+
+    from edge_sdk.client import Client
+    from hsplitlora.data import load_examples
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
+    client = Client(args.server, load_examples(args.data), args.memory_budget,
+                    relative_speed=args.relative_speed, token=args.token, ssl=context)
+    plan = client.register()
+    inner = client.inner
+    emit = _json_progress if args.progress_json else None
+    if emit:
+        emit({"event": "registered", "client": inner.client_id, "split": plan.split,
+              "device_adapters": len(plan.ranks), "token": inner.token})
+    else:
+        print(f"registered as {inner.client_id} (token {inner.token}); split {plan.split}, "
+              f"{len(plan.ranks)} device adapters")
+    steps = inner.settings["local_steps"]
+    bar = None if emit else tqdm(total=args.rounds * steps, desc=inner.client_id, unit="step")
+
+    def progress(round_number: int, step: int, loss: float) -> None:
+        if emit:
+            emit({"event": "step", "round": round_number, "step": step, "loss": loss})
+        else:
+            bar.update(1)
+            bar.set_postfix(round=round_number, loss=f"{loss:.3f}")
+
+    reports = client.run(args.rounds, progress)
+    if bar:
+        bar.close()
+    for r in reports:
+        line = {"event": "round", "round": r.round, "loss": sum(r.losses) / len(r.losses), "split": r.split,
+                "seconds": r.seconds, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down}
+        emit(line) if emit else print(f"round {r.round}: mean loss {line['loss']:.3f}, {r.seconds:.0f} s, "
+                                      f"{r.bytes_up / 1e6:.1f} MB up, {r.bytes_down / 1e6:.1f} MB down")
+    if args.save:
+        client.save(args.save)
+    return 0
+
+
+def _json_progress(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
