@@ -57,8 +57,9 @@ def _free_port() -> int:
 def _wait_healthy(url: str, proc, timeout_s: float = 300.0) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if proc.returncode is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+        code = proc.poll() if hasattr(proc, "poll") else proc.returncode  # subprocess or asyncio process
+        if code is not None:
+            raise RuntimeError(f"the server exited with status {code} before it was ready")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2):
                 return

@@ -21,7 +21,7 @@ from hsplitlora.planner import PlanError
 from hsplitlora.wire import TensorSpec, WireError, decode, encode
 from server.config import ServerConfig
 from server.store import Store
-from server.trainer import ServerTrainer
+from server.trainer import ServerTrainer, server_snapshot
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -202,6 +202,8 @@ async def upload_adapters(request: web.Request) -> web.Response:
             scores = {Target.parse(k): float(v) for k, v in json.loads(scores_header).items()}
         except (ValueError, AttributeError, TypeError) as e:
             return error(400, f"X-Importance must be a JSON object of '<layer>.<proj>': score ({e})")
+    # The server-side half is written first: an upload row only ever exists with both halves on disk.
+    state.store.save_tensors(server_snapshot(round_number, client_id), state.trainer.server_state(client_id))
     state.store.record_upload(round_number, client_id, tensors)
     state.scores[client_id] = scores
     await state.maybe_aggregate()
@@ -229,7 +231,7 @@ async def deltas(request: web.Request) -> web.Response:
     """The merged deltas of the client's device blocks, for a device joining after round 1."""
     state: ServerState = request.app[STATE]
     split = state.trainer.clients[request[CLIENT]].plan.split
-    tensors = {k: v for k, v in state.trainer.deltas().items() if Target.parse(k).layer < split}
+    tensors = {f"{k}.delta": v for k, v in state.trainer.deltas().items() if Target.parse(k).layer < split}
     return web.Response(body=encode(tensors or {}, "fp32"), content_type="application/octet-stream")
 
 

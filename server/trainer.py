@@ -17,7 +17,7 @@ import torch
 from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
-from hsplitlora.lora import LoRAFactors, Target, apply_lora, install_adapters, lora_layer
+from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import load_model
 from hsplitlora.planner import Budget, Plan, plan_device, server_ranks, should_replan, uniform_importance
 from hsplitlora.split import Segment
@@ -27,6 +27,11 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 DELTAS = "deltas/merged.safetensors"
+
+
+def server_snapshot(round_number: int, client_id: str) -> str:
+    """Where a client's server-side adapters of a round are kept once it uploaded."""
+    return f"rounds/{round_number}/{client_id}-server.safetensors"
 
 
 def budget_of(profile: dict) -> Budget:
@@ -73,6 +78,12 @@ class ServerTrainer:
         for record in store.clients():
             if record.plan:
                 self._adopt(record.id, record.examples, record.profile, Plan.from_dict(record.plan))
+        # Clients that uploaded in the open round before a restart keep their server-side part too.
+        open_round = store.current_round()
+        for client_id in store.uploads(open_round):
+            saved = store.load_tensors(server_snapshot(open_round, client_id))
+            if saved is not None:
+                self.restore_server_state(client_id, saved)
 
     # ----- clients and plans -------------------------------------------------------------------
     def _plan(self, budget: Budget, speed: float | None) -> Plan:
@@ -132,6 +143,21 @@ class ServerTrainer:
             self.model.eval()
             client.last_step, client.last_reply = (round_number, step), (h.grad.detach(), loss.item())
             return h.grad.detach(), loss.item(), True
+
+    def server_state(self, client_id: str) -> dict[str, torch.Tensor]:
+        """The client's server-side adapters ('<t>.A', '<t>.B'), to persist with its upload."""
+        with self.lock:
+            out = {}
+            for t, f in self.clients[client_id].factors.items():
+                out[f"{t}.A"], out[f"{t}.B"] = f.A.detach().clone(), f.B.detach().clone()
+            return out
+
+    def restore_server_state(self, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back a client's server-side adapters exactly as persisted (their set and ranks too)."""
+        with self.lock:
+            client = self.clients[client_id]
+            pairs = {Target.parse(k[:-2]): (tensors[k], tensors[k[:-2] + ".B"]) for k in tensors if k.endswith(".A")}
+            client.factors = adapters_from_factors(self.model, pairs, self.cfg.alpha)
 
     # ----- aggregation -------------------------------------------------------------------------
     def aggregate(self, uploads: dict[str, dict[str, torch.Tensor]], device_scores: dict[str, dict[Target, float]],

@@ -1,0 +1,73 @@
+"""Kill the server process for real (SIGKILL) and start it again on the same state directory."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+from edge_sdk.client import AsyncClient
+from hsplitlora.data import load_e2e_train, shard
+from hsplitlora.demo import _free_port, _wait_healthy
+
+
+def _start(state, port):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsplitlora", "server", "--model", "tiny-llama", "--port", str(port), "--state",
+         str(state), "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "2", "--max-len", "400"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=120)
+    return proc
+
+
+def _status(url):
+    with urllib.request.urlopen(url + "/v1/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_a_killed_server_resumes_at_the_last_round_and_keeps_accepted_uploads(tmp_path, e2e_dir):
+    shards = shard(load_e2e_train(e2e_dir)[:100], 2, iid=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start(tmp_path / "state", port)
+    try:
+        async def first_life():
+            a, b = AsyncClient(url, shards[0], 12e6), AsyncClient(url, shards[1], 40e6)
+            await asyncio.gather(a.run(1), b.run(1))  # round 1 completes
+            deltas = (tmp_path / "state" / "deltas" / "merged.safetensors").read_bytes()
+            # Round 2: only A uploads; then the server dies before B does.
+            task = asyncio.create_task(a.train_round())
+            while _status(url)["uploaded"] < 1:
+                await asyncio.sleep(0.2)
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await a.close()
+            return a.token, b.token, deltas
+
+        token_a, token_b, deltas = asyncio.run(first_life())
+        server = _start(tmp_path / "state", port)
+        status = _status(url)
+        assert (status["round"], status["completed_rounds"], status["uploaded"]) == (2, 1, 1)
+        assert (tmp_path / "state" / "deltas" / "merged.safetensors").read_bytes() == deltas
+
+        async def second_life():
+            b = AsyncClient(url, shards[1], 40e6, token=token_b)
+            await b.register()
+            assert b.round == 2
+            await b.run(1)  # B's upload completes round 2 with A's upload from before the kill
+            a = AsyncClient(url, shards[0], 12e6, token=token_a)
+            await a.register()
+            status_code, _, _ = await a._request("GET", "/v1/rounds/2/update")
+            await a.close()
+            return status_code, a.round
+
+        code, round_a = asyncio.run(second_life())
+        assert code == 200 and round_a == 3
+        assert _status(url)["completed_rounds"] == 2
+    finally:
+        server.kill()
+        server.wait()
