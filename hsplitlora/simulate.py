@@ -153,7 +153,7 @@ class Federation:
         self.bytes_up = self.bytes_down = 0
 
     def _hold_out(self, pool: list[Example]) -> tuple[list[Example], list[Example]]:
-        # Validation pairs come from whole MRs (every 25th prompt) so no MR is both trained and validated.
+        # Validation pairs come from whole MRs spread over the pool, so no MR is both trained and validated.
         prompts = sorted({ex.prompt for ex in pool})
         held = set(prompts[:: max(len(prompts) // 20, 1)][:max(self.cfg.val_pairs, 1)])
         val = [ex for ex in pool if ex.prompt in held][: self.cfg.val_pairs]
