@@ -18,9 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# The in-process federation until the networked demo lands: 5 heterogeneous clients, HSplitLoRA.
+# A server and 5 heterogeneous client processes on 127.0.0.1 fine-tune SmolLM2-135M on E2E.
 demo: $(STAMP)
-	$(BIN)/hsplitlora simulate --method hsplitlora --out runs/demo.json
+	$(BIN)/hsplitlora demo --out runs/demo.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

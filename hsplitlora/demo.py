@@ -77,12 +77,14 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     py = [sys.executable, "-m", "hsplitlora"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 1 + K processes share this machine's cores
+    # The server does most of the compute (every client's remaining blocks) and keeps torch's
+    # threads; the K clients, mostly waiting on it, get one thread each.
+    client_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = await asyncio.create_subprocess_exec(
         *py, "server", "--model", cfg.model, "--port", str(port), "--state", str(workdir / "state"),
         "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps),
         "--batch-size", str(cfg.batch_size), "--max-len", str(cfg.max_len),
-        stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"), env=env)
+        stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"))
     try:
         await asyncio.get_running_loop().run_in_executor(None, _wait_healthy, url, server)
         procs, bars, rounds = [], [], {}
@@ -94,7 +96,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
                 *py, "client", "--server", url, "--data", str(data), "--memory-budget", str(budget.memory_bytes),
                 "--relative-speed", f"{budget.memory_bytes / budgets[0].memory_bytes:.3f}", "--rounds", str(cfg.rounds),
                 "--threads", "1", "--progress-json", stdout=asyncio.subprocess.PIPE,
-                stderr=open(workdir / f"client{i}.log", "wb"), env=env))
+                stderr=open(workdir / f"client{i}.log", "wb"), env=client_env))
             bars.append(tqdm(total=cfg.rounds * cfg.local_steps, desc=f"client{i}", unit="step", position=i,
                              leave=True))
 
