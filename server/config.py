@@ -21,7 +21,6 @@ class ServerConfig:
     method: str = "naa"  # the aggregator of the run
     clients_per_round: int = 1  # a round aggregates once this many clients uploaded (or at the deadline)
     round_deadline_s: float = 600.0  # then it aggregates with the clients that made it
-    step_timeout_s: float = 120.0  # an unfinished split step is dropped after this
     local_steps: int = 4
     batch_size: int = 4
     max_len: int = 128
