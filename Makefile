@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-methods clean
+.PHONY: demo test install bench-methods bench-network clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 # All five methods on SmolLM2-135M + E2E (about 30 minutes); writes docs/benchmarks.md.
 bench-methods: $(STAMP)
 	$(BIN)/python bench/methods.py
+
+# The networked step against single-process PEFT, concurrency, wire formats (about 10 minutes).
+bench-network: $(STAMP)
+	$(BIN)/python bench/network.py
 
 clean:
 	rm -rf $(VENV)
