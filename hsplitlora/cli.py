@@ -113,14 +113,25 @@ def _common_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / rank (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    _eval_args(p)
+    p.add_argument("--save-adapter", type=Path, help="write the trained adapter here (PEFT format)")
+    p.add_argument("--save-merged", type=Path, help="write a merged model directory here")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-items", type=int, default=20,
                    help="test inputs whose references give the test loss (default: %(default)s)")
     p.add_argument("--generate-items", type=int, default=40,
                    help="test inputs generated and scored (default: %(default)s)")
     p.add_argument("--no-coco", action="store_true", help="skip METEOR/ROUGE-L/CIDEr (Java, ~20 s)")
-    p.add_argument("--save-adapter", type=Path, help="write the trained adapter here (PEFT format)")
-    p.add_argument("--save-merged", type=Path, help="write a merged model directory here")
     p.add_argument("--out", type=Path, help="write the full results as JSON here")
+
+
+def _federation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=int, default=5, help="number of devices (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="aggregation rounds (default: %(default)s)")
+    p.add_argument("--local-steps", type=int, default=4, help="local steps per client per round (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,11 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--method", choices=METHODS, default="hsplitlora",
                      help="hsplitlora (ours), splitlora, hetlora, flexlora, or cenlora (centralised upper bound)")
     _common_training_args(sim)
-    sim.add_argument("--clients", type=int, default=5, help="number of devices (default: %(default)s)")
-    sim.add_argument("--rounds", type=int, default=3, help="aggregation rounds (default: %(default)s)")
-    sim.add_argument("--local-steps", type=int, default=4, help="local steps per client per round (default: %(default)s)")
+    _federation_args(sim)
     sim.add_argument("--batch-size", type=int, default=4, help="examples per step (default: %(default)s)")
-    sim.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
     sim.add_argument("--iid", action="store_true", help="IID shards (default: non-IID, by restaurant)")
     sim.add_argument("--budget-spread", type=float, default=4.0,
                      help="strongest / weakest device memory budget (default: %(default)s)")
@@ -184,14 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arg(demo)
     demo.add_argument("--data", type=Path, default=default_e2e_dir(), help="E2E directory or JSONL (default: %(default)s)")
-    demo.add_argument("--clients", type=int, default=5, help="client processes (default: %(default)s)")
-    demo.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
-    demo.add_argument("--local-steps", type=int, default=4, help="local steps per round (default: %(default)s)")
-    demo.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
-    demo.add_argument("--eval-items", type=int, default=20, help="test inputs for the test loss (default: %(default)s)")
-    demo.add_argument("--generate-items", type=int, default=40, help="test inputs generated (default: %(default)s)")
-    demo.add_argument("--no-coco", action="store_true", help="skip METEOR/ROUGE-L/CIDEr (Java, ~20 s)")
-    demo.add_argument("--out", type=Path, help="write the results as JSON here")
+    _federation_args(demo)
+    _eval_args(demo)
     demo.set_defaults(func=_demo)
 
     rep = sub.add_parser("report", help="a Markdown table and a validation-PPL plot of simulation results",
