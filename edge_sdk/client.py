@@ -73,6 +73,7 @@ class AsyncClient:
         self.retries, self.backoff_s, self.poll_s, self.ssl = retries, backoff_s, poll_s, ssl
         self.session: aiohttp.ClientSession | None = None
         self.client_id: str | None = None
+        self.number = 0  # registration order, from the server
         self.round = 0
         self.plan: Plan | None = None
         self.settings: dict = {}
@@ -121,7 +122,7 @@ class AsyncClient:
             _, _, body = await self._request("POST", "/v1/register",
                                              json={"profile": self.profile, "examples": len(self.examples)})
         reply = json.loads(body)
-        self.client_id, self.round = reply["client_id"], reply["round"]
+        self.client_id, self.number, self.round = reply["client_id"], reply["number"], reply["round"]
         self.token = reply.get("token", self.token)
         self.plan, self.settings = Plan.from_dict(reply["plan"]), reply["settings"]
         self.model, self.tokenizer = load_model(self.settings["model"])
@@ -130,7 +131,9 @@ class AsyncClient:
         _, _, body = await self._request("GET", "/v1/deltas")
         self._apply_update(decode(body, None, MAX_REPLY_BYTES))
         s = self.settings
-        self.stream = endless_batches(self.tokenizer, self.examples, s["batch_size"], s["max_len"], seed=s["seed"])
+        # Seeded as the simulation seeds client `number`, so the same data trains in the same order.
+        self.stream = endless_batches(self.tokenizer, self.examples, s["batch_size"], s["max_len"],
+                                      seed=s["seed"] + self.number)
         log.info("client %s: round %d, split %d, %d device adapters", self.client_id, self.round,
                  self.plan.split, len(self.plan.ranks))
         return self.plan
@@ -142,7 +145,7 @@ class AsyncClient:
             await self.register()
         s, start, up, down = self.settings, time.perf_counter(), 0, 0
         install_adapters(self.model, {})
-        factors = apply_lora(self.model, self.plan.ranks, s["alpha"])
+        factors = apply_lora(self.model, self.plan.ranks, s["alpha"], seed=(s["seed"], self.number, self.round))
         optimizer = make_optimizer((p for f in factors.values() for p in f.parameters()), s["lr"])
         device = Segment(self.model, 0, self.plan.split, embed=True, head=False)
         self.model.train()

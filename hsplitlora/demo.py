@@ -82,7 +82,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     client_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = await asyncio.create_subprocess_exec(
         *py, "server", "--model", cfg.model, "--port", str(port), "--state", str(workdir / "state"),
-        "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps),
+        "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps),
         "--batch-size", str(cfg.batch_size), "--max-len", str(cfg.max_len),
         stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"))
     try:

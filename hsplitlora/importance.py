@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from hsplitlora.cost import ModelDims
 from hsplitlora.family import family_of
 from hsplitlora.lora import LoRALinear, Target, lora_layer
 
@@ -108,14 +109,15 @@ def _adapters_of(model: PreTrainedModel):
 
 
 def resource_normalised(model: PreTrainedModel, scores: dict[Target, float]) -> dict[Target, float]:
-    """I(W) = g(W) / c(W), with c(W) = d_in + d_out normalised to mean 1 over the scored weights."""
-    costs = {}
-    for t in scores:
-        layer = lora_layer(model, t)
-        lo, hi = layer.slices[t.proj]
-        costs[t] = layer.d_in + (hi - lo)
-    mean_cost = sum(costs.values()) / len(costs)
-    return {t: s / (costs[t] / mean_cost) for t, s in scores.items()}
+    """I(W) = g(W) / c(W), with c(W) = d_in + d_out normalised to mean 1 over the model's weights.
+
+    The mean is over every adaptable weight of the model, not over the ones scored, so scores taken
+    on different parts of it (a device's blocks, the server's) are on one scale and can be averaged.
+    """
+    dims = ModelDims.from_config(model.config)
+    cost = {p: sum(dims.weight_shape(p)) for p in dims.projections}
+    mean_cost = sum(cost.values()) / len(cost)  # every block has the same projections
+    return {t: s / (cost[t.proj] / mean_cost) for t, s in scores.items()}
 
 
 @dataclass

@@ -8,6 +8,7 @@ up to three adapters (q, k, v) of independent ranks. Numbers match `peft` (teste
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,24 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from hsplitlora.family import family_of, num_layers
+
+
+def initial_A(shape: tuple[int, int] | torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh (r x d_in) A: Kaiming-uniform with a = sqrt(5) as peft, i.e. U(+-1/sqrt(d_in)), fp32."""
+    a = torch.empty(tuple(shape))
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
+def init_generator(*parts) -> torch.Generator:
+    """A generator seeded from `parts` (numbers, names) by a stable hash.
+
+    Seeding each adapter by (run seed, client, round, target) rather than drawing from the
+    process's global RNG makes its initial value the same wherever it is made: on the device, on
+    the server, in the one-process simulation, under any runtime.
+    """
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass(frozen=True, order=True)
@@ -42,22 +61,23 @@ class Target:
 class LoRAFactors(nn.Module):
     """A (r x d_in) and B (d_out x r) of one adapter; the update is (alpha / r) * B @ A."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.rank, self.alpha = rank, float(alpha)
         self.A = nn.Parameter(torch.empty(rank, d_in))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
-        self.reset()
+        self.reset(generator)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def reset(self) -> None:
+    def reset(self, generator: torch.Generator | None = None) -> None:
         """Fresh adapter: A Kaiming-uniform as in peft, B zero, so the update starts at zero."""
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        with torch.no_grad():
+            self.A.copy_(initial_A(self.A.shape, generator))
         nn.init.zeros_(self.B)
 
     def delta(self) -> torch.Tensor:
@@ -157,12 +177,14 @@ def module_path(model: PreTrainedModel, target: Target) -> str:
 
 
 def apply_lora(
-    model: PreTrainedModel, ranks: dict[Target, int], alpha: float | dict[Target, float] = 16.0
+    model: PreTrainedModel, ranks: dict[Target, int], alpha: float | dict[Target, float] = 16.0,
+    seed: tuple | None = None,
 ) -> dict[Target, LoRAFactors]:
     """Give each target a fresh adapter of its rank (replacing any it had); freeze everything else.
 
     `alpha` is one number for all targets or one per target; the scale is alpha / rank as in peft.
-    Targets with rank 0 lose their adapter.
+    Targets with rank 0 lose their adapter. With `seed` (e.g. (run seed, client, round)), each
+    target's A is drawn from `init_generator(*seed, target)`; without, from the global RNG.
     """
     model.requires_grad_(False)
     out: dict[Target, LoRAFactors] = {}
@@ -175,7 +197,8 @@ def apply_lora(
         a = alpha[target] if isinstance(alpha, dict) else alpha
         lo, hi = layer.slices[target.proj]
         w = layer.base.weight
-        factors = LoRAFactors(layer.d_in, hi - lo, rank, a).to(dtype=w.dtype, device=w.device)
+        generator = init_generator(*seed, target) if seed is not None else None
+        factors = LoRAFactors(layer.d_in, hi - lo, rank, a, generator).to(dtype=w.dtype, device=w.device)
         layer.adapters[target.proj] = factors
         out[target] = factors
     return out

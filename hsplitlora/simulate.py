@@ -109,6 +109,7 @@ class SimClient:
     """A simulated device with its data, budget, plan and its own adapters + optimizer."""
 
     name: str
+    index: int  # registration order; seeds the client's data order and adapter initialisation
     data: list[Example]
     budget: Budget
     speed: float  # relative compute speed (1 = the weakest)
@@ -140,7 +141,7 @@ class Federation:
         shards = shard(train, n_shards, iid=cfg.iid or n_shards == 1, seed=cfg.seed)
         budgets = device_budgets(self.dims, self.shape, n_shards, cfg.budget_spread, cfg.planner)
         self.clients = [
-            SimClient(f"client{i}", s, budgets[i], speed=budgets[i].memory_bytes / budgets[0].memory_bytes,
+            SimClient(f"client{i}", i, s, budgets[i], speed=budgets[i].memory_bytes / budgets[0].memory_bytes,
                       stream=endless_batches(self.tokenizer, s, cfg.batch_size, cfg.max_len, seed=cfg.seed + i))
             for i, s in enumerate(shards)
         ]
@@ -151,6 +152,7 @@ class Federation:
         self.local_steps = cfg.local_steps * (cfg.clients if cfg.method == "cenlora" else 1)
         self.global_factors: dict[Target, LowRank] = {}  # non-merging methods: the global adapter
         self.bytes_up = self.bytes_down = 0
+        self.round = 1  # the round being trained, numbered as the server does; seeds fresh adapters
 
     def _hold_out(self, pool: list[Example]) -> tuple[list[Example], list[Example]]:
         # Validation pairs come from whole MRs spread over the pool, so no MR is both trained and validated.
@@ -200,7 +202,8 @@ class Federation:
         if start is not None:
             client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
         else:
-            client.factors = apply_lora(self.model, ranks, self.cfg.alpha)
+            client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
+                                        seed=(self.cfg.seed, client.index, self.round))
         client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
 
     # ----- training ----------------------------------------------------------------------------
@@ -317,6 +320,7 @@ class Federation:
                 self.importance = self.tracker.update(mean, progress=r / max(cfg.rounds - 1, 1))
                 log.info("round %d: most important weights %s", r + 1,
                          ", ".join(f"{t} {self.importance[t]:.3g}" for t in self.tracker.ranking()[:5]))
+            self.round += 1
             if cfg.method != "cenlora":
                 self._aggregate()
             val = self.validation_loss()

@@ -121,12 +121,13 @@ async def register(request: web.Request) -> web.Response:
     except PlanError as e:
         return error(422, str(e))
     client_id, token = state.store.register(profile, examples)
-    await state.run_model(state.trainer.add_client, client_id, examples, profile, plan)
+    record = state.store.client(client_id)
+    await state.run_model(state.trainer.add_client, record, plan)
     state.store.set_plan(client_id, plan.to_dict())
     log.info("registered %s: split %d, %d device adapters", client_id, plan.split, len(plan.ranks))
     return web.json_response({
-        "client_id": client_id, "token": token, "round": state.round, "plan": plan.to_dict(),
-        "settings": state.cfg.client_settings(),
+        "client_id": client_id, "number": record.number, "token": token, "round": state.round,
+        "plan": plan.to_dict(), "settings": state.cfg.client_settings(),
     })
 
 
@@ -140,9 +141,9 @@ def _int_query(request: web.Request, name: str) -> int:
 async def me(request: web.Request) -> web.Response:
     """A client resuming with its token: its id, the open round, its plan and the settings."""
     state: ServerState = request.app[STATE]
-    client_id = request[CLIENT]
-    return web.json_response({"client_id": client_id, "round": state.round,
-                              "plan": state.trainer.clients[client_id].plan.to_dict(),
+    client = state.trainer.clients[request[CLIENT]]
+    return web.json_response({"client_id": client.id, "number": client.number, "round": state.round,
+                              "plan": client.plan.to_dict(),
                               "settings": state.cfg.client_settings()})
 
 

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
     p.add_argument("--state", type=Path, default=Path("server-state"),
                    help="state directory (SQLite + tensors); restart with the same one to resume")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="planned rounds of the run; importance smoothing settles over them (default: %(default)s)")
     p.add_argument("--clients-per-round", type=int, default=1,
                    help="aggregate once this many clients uploaded their round (default: %(default)s)")
     p.add_argument("--round-deadline", type=float, default=600.0,
@@ -32,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="examples per step (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=128, help="max tokens per example (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed the clients' data order uses (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the clients' data order and of fresh adapters (default: %(default)s)")
     p.add_argument("--wire", choices=WIRE_FORMATS, default="fp16", help="activation/gradient format (default: fp16)")
     p.add_argument("--max-request-bytes", type=int, help="refuse larger bodies (default: sized from the model)")
     p.add_argument("--rank-set", default="2,4,8,16", help="ranks the planner chooses from (default: %(default)s)")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig(
         model=args.model, state=args.state, host=args.host, port=args.port,
-        clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
+        rounds=args.rounds, clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
         local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
         seed=args.seed, wire=args.wire, max_request_bytes=args.max_request_bytes,
         planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(","))),

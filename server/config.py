@@ -19,6 +19,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     method: str = "naa"  # the aggregator of the run
+    rounds: int = 10  # the planned length of the run: sets how fast importance smoothing settles
     clients_per_round: int = 1  # a round aggregates once this many clients uploaded (or at the deadline)
     round_deadline_s: float = 600.0  # then it aggregates with the clients that made it
     local_steps: int = 4
@@ -38,7 +39,7 @@ class ServerConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
-        for name in ("clients_per_round", "local_steps", "batch_size", "max_len"):
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

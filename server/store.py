@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE,
     token_hash TEXT NOT NULL UNIQUE,
     profile TEXT NOT NULL,
     examples INTEGER NOT NULL,
@@ -63,6 +64,7 @@ class ClientRecord:
     """A registered client as the store keeps it."""
 
     id: str
+    number: int  # registration order from 0; seeds the client's data order and adapter initialisation
     profile: dict
     examples: int
     plan: dict | None
@@ -87,7 +89,8 @@ class Store:
         """A new client: (id, bearer token). Only the token's hash is stored."""
         client_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
         self.db.execute(
-            "INSERT INTO clients (id, token_hash, profile, examples, created) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO clients (id, number, token_hash, profile, examples, created) "
+            "VALUES (?, (SELECT COUNT(*) FROM clients), ?, ?, ?, ?)",
             (client_id, hash_token(token), json.dumps(profile), int(examples), time.time()),
         )
         return client_id, token
@@ -100,12 +103,13 @@ class Store:
         return row[0] if row and hmac.compare_digest(row[1], digest) else None
 
     def client(self, client_id: str) -> ClientRecord | None:
-        row = self.db.execute("SELECT id, profile, examples, plan FROM clients WHERE id = ?", (client_id,)).fetchone()
-        return None if row is None else ClientRecord(row[0], json.loads(row[1]), row[2],
-                                                     json.loads(row[3]) if row[3] else None)
+        row = self.db.execute("SELECT id, number, profile, examples, plan FROM clients WHERE id = ?",
+                              (client_id,)).fetchone()
+        return None if row is None else ClientRecord(row[0], row[1], json.loads(row[2]), row[3],
+                                                     json.loads(row[4]) if row[4] else None)
 
     def clients(self) -> list[ClientRecord]:
-        rows = self.db.execute("SELECT id FROM clients ORDER BY created, id").fetchall()
+        rows = self.db.execute("SELECT id FROM clients ORDER BY number").fetchall()
         return [self.client(r[0]) for r in rows]
 
     def set_plan(self, client_id: str, plan: dict) -> None:
@@ -166,5 +170,7 @@ class Store:
                         (round_number, client_id, str(path.relative_to(self.root)), time.time()))
 
     def uploads(self, round_number: int) -> dict[str, dict[str, torch.Tensor]]:
-        rows = self.db.execute("SELECT client, path FROM uploads WHERE round = ?", (round_number,)).fetchall()
+        # In registration order, so that aggregation sums in the same order wherever it runs.
+        rows = self.db.execute("SELECT u.client, u.path FROM uploads u JOIN clients c ON c.id = u.client "
+                               "WHERE u.round = ? ORDER BY c.number", (round_number,)).fetchall()
         return {client: load_file(str(self.root / path)) for client, path in rows}

@@ -16,17 +16,18 @@ import torch
 
 from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
 from hsplitlora.cost import ModelDims, StepShape
-from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
+from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import load_model
 from hsplitlora.planner import Budget, Plan, plan_device, server_ranks, should_replan, uniform_importance
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
 from server.config import ServerConfig
-from server.store import Store
+from server.store import ClientRecord, Store
 
 log = logging.getLogger(__name__)
 DELTAS = "deltas/merged.safetensors"
+IMPORTANCE = "importance.safetensors"
 
 
 def server_snapshot(round_number: int, client_id: str) -> str:
@@ -44,6 +45,7 @@ class ServerClient:
     """What the server keeps in memory for one client during a round."""
 
     id: str
+    number: int  # registration order: with the run's seed and the round, seeds fresh adapters
     examples: int
     budget: Budget
     speed: float | None
@@ -72,12 +74,15 @@ class ServerTrainer:
         for t in self.targets:
             if str(t) in deltas:
                 lora_layer(self.model, t).add_to_weight(t.proj, deltas[str(t)])
-        self.importance = uniform_importance(self.dims, cfg.planner)
+        self.tracker = ImportanceTracker()
+        saved = store.load_tensors(IMPORTANCE) or {}
+        self.tracker.smoothed = {Target.parse(k): float(v) for k, v in saved.items()}
+        self.importance = dict(self.tracker.smoothed) or uniform_importance(self.dims, cfg.planner)
         self.clients: dict[str, ServerClient] = {}
         self.segments: dict[int, Segment] = {}
         for record in store.clients():
             if record.plan:
-                self._adopt(record.id, record.examples, record.profile, Plan.from_dict(record.plan))
+                self._adopt(record, Plan.from_dict(record.plan))
         # Clients that uploaded in the open round before a restart keep their server-side part too.
         open_round = store.current_round()
         for client_id in store.uploads(open_round):
@@ -92,10 +97,12 @@ class ServerTrainer:
         share = speed / (speed + 2.0) if speed else None
         return plan_device(self.dims, self.importance, budget, self.shape, self.cfg.planner, share)
 
-    def _adopt(self, client_id: str, examples: int, profile: dict, plan: Plan) -> ServerClient:
-        client = ServerClient(client_id, examples, budget_of(profile), profile.get("relative_speed"), plan)
-        self.clients[client_id] = client
-        self._fresh_adapters(client)
+    def _adopt(self, record: ClientRecord, plan: Plan) -> ServerClient:
+        profile = record.profile
+        client = ServerClient(record.id, record.number, record.examples, budget_of(profile),
+                              profile.get("relative_speed"), plan)
+        self.clients[record.id] = client
+        self._fresh_adapters(client, self.store.current_round())
         return client
 
     def plan_for(self, profile: dict) -> Plan:
@@ -103,14 +110,14 @@ class ServerTrainer:
         with self.lock:
             return self._plan(budget_of(profile), profile.get("relative_speed"))
 
-    def add_client(self, client_id: str, examples: int, profile: dict, plan: Plan) -> None:
+    def add_client(self, record: ClientRecord, plan: Plan) -> None:
         with self.lock:
-            self._adopt(client_id, examples, profile, plan)
+            self._adopt(record, plan)
 
-    def _fresh_adapters(self, client: ServerClient) -> None:
+    def _fresh_adapters(self, client: ServerClient, round_number: int) -> None:
         ranks = server_ranks(self.dims, client.plan.split, self.importance, self.cfg.planner)
         install_adapters(self.model, {})
-        client.factors = apply_lora(self.model, ranks, self.cfg.alpha)
+        client.factors = apply_lora(self.model, ranks, self.cfg.alpha, seed=(self.cfg.seed, client.number, round_number))
         client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
         client.scores, client.last_step, client.last_reply = {}, None, None
 
@@ -185,7 +192,7 @@ class ServerTrainer:
             for t, ups in sorted(updates.items()):
                 merged[t] = AGGREGATORS[self.cfg.method](ups).global_update
                 lora_layer(self.model, t).add_to_weight(t.proj, merged[t].dense())
-            self._update_importance(uploads, device_scores)
+            self._update_importance(uploads, device_scores, round_number)
             replies = {}
             for client in self.clients.values():
                 old_split = client.plan.split
@@ -193,16 +200,22 @@ class ServerTrainer:
                 if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
                     client.plan = new
                 replies[client.id] = self._update_payload(merged, old_split, client.plan.split)
-                self._fresh_adapters(client)
+                self._fresh_adapters(client, round_number + 1)
             self.store.save_tensors(DELTAS, self.deltas())
+            self.store.save_tensors(IMPORTANCE, {str(t): torch.tensor(v, dtype=torch.float64)
+                                                 for t, v in self.tracker.smoothed.items()})
             return replies
 
-    def _update_importance(self, uploads, device_scores) -> None:
+    def _update_importance(self, uploads, device_scores, round_number: int) -> None:
+        """Average the round's scores over the clients (each scored its device and its server
+        blocks) and fold them into the smoothed importance, as the simulation does."""
         rows = [{**device_scores.get(cid, {}), **self.clients[cid].scores} for cid in uploads]
         rows = [r for r in rows if r]
         if rows:
-            keys = set().union(*rows)
-            self.importance = {t: sum(r.get(t, 0.0) for r in rows) / len(rows) for t in keys}
+            keys = sorted(set().union(*rows))
+            mean = {t: sum(r.get(t, 0.0) for r in rows) / len(rows) for t in keys}
+            progress = (round_number - 1) / max(self.cfg.rounds - 1, 1)  # rounds count from 1
+            self.importance = self.tracker.update(mean, progress)
 
     def _update_payload(self, merged: dict[Target, LowRank], old_split: int, new_split: int) -> dict[str, torch.Tensor]:
         out = {}

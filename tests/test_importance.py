@@ -60,6 +60,10 @@ def test_resource_normalisation_divides_by_relative_adapter_cost(tiny):
     scores = {Target(0, "q"): 1.0, Target(0, "up"): 1.0}
     norm = resource_normalised(model, scores)
     assert norm[Target(0, "q")] / norm[Target(0, "up")] == pytest.approx((32 + 64) / (32 + 32))
+    # The scale is the model's, not the subset's: a device scoring its blocks and the server scoring
+    # the rest give the numbers one pass over everything gives.
+    every = {t: 1.0 for t in all_targets(model)}
+    assert resource_normalised(model, {Target(0, "q"): 1.0})[Target(0, "q")] == resource_normalised(model, every)[Target(0, "q")]
 
 
 def test_tracker_smooths_with_rising_history_weight():
