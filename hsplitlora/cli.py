@@ -184,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_parser(sub)
     edge_cli.add_parser(sub)
 
+    from export import cli as export_cli
+
+    exp = sub.add_parser("export", help="the device segment with trainable LoRA -> ONNX and/or ExecuTorch, verified",
+                         description=export_cli.DESCRIPTION, epilog=export_cli.EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    export_cli.add_arguments(exp)
+    exp.set_defaults(func=export_cli.run)
+
     demo = sub.add_parser(
         "demo", help="a server and several heterogeneous client processes on 127.0.0.1, end to end",
         description="Start `hsplitlora server` and K `hsplitlora client` processes with heterogeneous memory "

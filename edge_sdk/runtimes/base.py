@@ -1,0 +1,209 @@
+"""The one small interface every device runtime shares, and what the artifact-backed ones need.
+
+A runtime runs the device segment (embeddings + blocks[0:k] + LoRA) for one training step:
+
+    step(input_ids, attention_mask, upstream_grad) -> (h, {'0.q.A': dL/dA, ...})
+
+with upstream_grad = dL/dh from the server; the gradients are those of sum(h * upstream_grad),
+i.e. exactly the LoRA gradients of the server's loss. The optimizer lives outside the runtime
+(`edge_sdk.runtimes.optim.AdamW`) and updates `lora_tensors()` in place. All tensors are
+`torch.Tensor` on the CPU; LoRA keys are the project's '<layer>.<proj>.A' / '.B'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsplitlora.lora import init_generator, initial_A
+
+MANIFEST = "manifest.json"
+SCHEMA = "hsplitlora.device-segment/1"
+
+
+class ArtifactError(RuntimeError):
+    """An export directory that cannot be used: missing, corrupted, or of another shape."""
+
+
+class DeviceRuntime(ABC):
+    """A device segment with trainable LoRA, behind one of the runtimes."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, upstream_grad: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """h and the gradient of sum(h * upstream_grad) w.r.t. every LoRA tensor."""
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """h alone (what the device sends before it knows dL/dh)."""
+
+    @abstractmethod
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """The live LoRA tensors by key; an optimizer updates them in place."""
+
+    def set_lora_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy values into the live LoRA tensors (every key must exist, shapes must match)."""
+        live = self.lora_tensors()
+        unknown = set(tensors) - set(live)
+        if unknown:
+            raise KeyError(f"no LoRA tensors {sorted(unknown)} in this segment; it has {sorted(live)}")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                value = torch.as_tensor(value)
+                if tuple(value.shape) != tuple(live[key].shape):
+                    raise ValueError(f"{key}: shape {tuple(value.shape)}, the segment's is {tuple(live[key].shape)}")
+                live[key].copy_(value.to(live[key].dtype))
+
+    def apply_merged_update(self, update: dict[str, torch.Tensor]) -> None:
+        """Add an aggregated update to the frozen weights (design §4: no new download).
+
+        `update` holds, per target, either stacked factors '<t>.A' (R x d_in) and '<t>.B'
+        (d_out x R), added as B @ A (scale folded into B, as the server sends them), or a dense
+        '<t>' (d_out x d_in). The LoRA tensors are left as they are: after a merge the caller
+        restarts them (`fresh_lora`, or values from the server) and resets the optimizer.
+        """
+        self._merge(dense_updates(update))
+
+    def _merge(self, deltas: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"the {self.name} runtime cannot merge updates into its frozen weights")
+
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.lora_tensors().items()}
+
+
+def dense_updates(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """'<t>.A' + '<t>.B' pairs and dense '<t>' entries -> {'<t>': d_out x d_in delta}."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in update.items():
+        value = torch.as_tensor(value).float()
+        head, _, kind = key.rpartition(".")
+        if kind == "A":
+            if f"{head}.B" not in update:
+                raise ValueError(f"update has {key} without {head}.B")
+            out[head] = torch.as_tensor(update[f"{head}.B"]).float() @ value
+        elif kind == "B":
+            if f"{head}.A" not in update:
+                raise ValueError(f"update has {key} without {head}.A")
+        elif kind == "delta":
+            raise ValueError(f"{key}: a block new to this device needs a new artifact, not a merge")
+        elif kind.isalpha() and head.isdigit():
+            out[key] = value
+        else:
+            raise ValueError(f"unexpected tensor {key!r} in an update (expected '<layer>.<proj>[.A|.B]')")
+    return out
+
+
+def fresh_lora(shapes: dict[str, tuple[int, ...]], seed: tuple = (0,)) -> dict[str, torch.Tensor]:
+    """Fresh adapters exactly as `hsplitlora.lora.apply_lora(..., seed=seed)` makes them: A
+    Kaiming-uniform from `init_generator(*seed, target)`, B = 0 (the update B @ A starts at zero)."""
+    out = {}
+    for key, shape in shapes.items():
+        target, _, kind = key.rpartition(".")
+        out[key] = initial_A(shape, init_generator(*seed, target)) if kind == "A" else torch.zeros(shape)
+    return out
+
+
+# ---- artifact directories (export/manifest.py writes them; this side only reads JSON) ---------
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path, fmt: str, verify_hashes: bool = True) -> dict:
+    """The manifest of an export directory, checked: schema, the format present, files intact."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} holds no {MANIFEST}: not an export directory (hsplitlora export)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") != SCHEMA:
+        raise ArtifactError(f"{path}: schema {manifest.get('schema')!r}, this SDK reads {SCHEMA!r}")
+    if fmt not in manifest["artifacts"]:
+        raise ArtifactError(f"{directory} has no {fmt} artifact (it has {sorted(manifest['artifacts'])})")
+    if verify_hashes:
+        art = manifest["artifacts"][fmt]
+        for name, digest in art["sha256"].items():
+            file = Path(directory) / name
+            if not file.is_file():
+                raise ArtifactError(f"{file} is missing")
+            if file.stat().st_size != art["bytes"][name] or sha256_file(file) != digest:
+                raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: corrupted or changed; "
+                                    "download the artifact again")
+    return manifest
+
+
+def check_inputs(manifest: dict, input_ids, attention_mask, upstream_grad=None) -> None:
+    """Shapes are fixed at export: say so plainly instead of a runtime's shape error."""
+    want = (manifest["batch"], manifest["seq"])
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; this artifact was exported for (batch, seq) = "
+                             f"{want}: pad or cut batches to it, or export again")
+    if upstream_grad is not None and tuple(upstream_grad.shape) != (*want, manifest["hidden"]):
+        raise ValueError(f"upstream_grad has shape {tuple(upstream_grad.shape)}, expected {(*want, manifest['hidden'])}")
+
+
+def patch_frozen_weights(directory: Path, manifest: dict, fmt: str, deltas: dict[str, torch.Tensor]) -> None:
+    """Add dense deltas to the frozen weights stored in an artifact's files, in place.
+
+    Uses the artifact's `frozen_weights` table (every byte range holding a copy of an adapted W
+    and its layout). The caller must have released the program; it reloads it afterwards. The
+    manifest's hashes are updated to the patched files, so `read_manifest` keeps checking them.
+    """
+    art = manifest["artifacts"][fmt]
+    by_target = {}
+    for entry in art["frozen_weights"]:
+        for proj, rows in entry["targets"].items():
+            by_target[f"{entry['layer']}.{proj}"] = (entry, rows)
+    unknown = set(deltas) - set(by_target)
+    if unknown:
+        raise KeyError(f"no adapted weight for {sorted(unknown)} in this segment (it has {sorted(by_target)})")
+    plans: dict[str, tuple[dict, np.ndarray]] = {}
+    for target, delta in deltas.items():
+        entry, (lo, hi) = by_target[target]
+        if not entry["copies"]:
+            raise NotImplementedError(f"the exporter found no stored copy of {entry['name']}: cannot merge into it "
+                                      "in place; export the segment again with the merged weights")
+        d_in = entry["shape"][1]
+        if tuple(delta.shape) != (hi - lo, d_in):
+            raise ValueError(f"update for {target} has shape {tuple(delta.shape)}, expected {(hi - lo, d_in)}")
+        if entry["name"] not in plans:
+            copies = [_read_copy(directory, entry, c) for c in entry["copies"]]
+            if any(not np.array_equal(copies[0], c) for c in copies[1:]):
+                raise ArtifactError(f"the stored copies of {entry['name']} disagree: the artifact was changed "
+                                    "outside this SDK; download it again")
+            plans[entry["name"]] = (entry, copies[0])
+        plans[entry["name"]][1][lo:hi] += delta.numpy().astype(np.float32)
+    touched = set()
+    for entry, w in plans.values():
+        for copy in entry["copies"]:
+            data = w if copy["layout"] == "oi" else np.ascontiguousarray(w.T)
+            with open(Path(directory) / copy["file"], "r+b") as f:
+                f.seek(copy["offset"])
+                f.write(data.astype("<f4").tobytes())
+            touched.add(copy["file"])
+    for name in touched:
+        path = Path(directory) / name
+        art["sha256"][name] = sha256_file(path)
+        art["bytes"][name] = path.stat().st_size
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _read_copy(directory: Path, entry: dict, copy: dict) -> np.ndarray:
+    d_out, d_in = entry["shape"]
+    with open(Path(directory) / copy["file"], "rb") as f:
+        f.seek(copy["offset"])
+        raw = np.frombuffer(f.read(4 * d_out * d_in), dtype="<f4")
+    if copy["layout"] == "oi":
+        return raw.reshape(d_out, d_in).astype(np.float32).copy()
+    return raw.reshape(d_in, d_out).T.astype(np.float32).copy()

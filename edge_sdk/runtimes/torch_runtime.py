@@ -1,0 +1,76 @@
+"""Eager PyTorch: the device segment itself, always available, and the reference the others match."""
+
+from __future__ import annotations
+
+import torch
+
+from edge_sdk.runtimes.base import DeviceRuntime
+from hsplitlora.lora import LoRALinear, Target, apply_lora, parse_ranks
+from hsplitlora.split import Segment, split_model
+
+
+class TorchRuntime(DeviceRuntime):
+    """A `Segment` (embeddings + blocks[0:k]) whose LoRA factors are the only trainable tensors."""
+
+    name = "torch"
+
+    def __init__(self, segment: Segment):
+        self.segment = segment.eval()
+        self._params: dict[str, torch.nn.Parameter] = {}
+        for offset, block in enumerate(segment.blocks):
+            for _, module in block.named_modules():
+                if isinstance(module, LoRALinear):
+                    for proj, factors in module.adapters.items():
+                        self._params[f"{segment.start + offset}.{proj}.A"] = factors.A
+                        self._params[f"{segment.start + offset}.{proj}.B"] = factors.B
+        if not self._params:
+            raise ValueError("the segment has no LoRA adapters: nothing to train")
+        self._params = dict(sorted(self._params.items(), key=lambda kv: _order(kv[0])))
+
+    @classmethod
+    def from_model(cls, model, split: int, ranks: str | dict[Target, int], alpha: float = 16.0) -> TorchRuntime:
+        """Fresh adapters of the given ranks on the model's device-side blocks (the model is changed)."""
+        n = len(segment_blocks(model))
+        if isinstance(ranks, str):
+            ranks = parse_ranks(ranks, n)
+        apply_lora(model, {t: r for t, r in ranks.items() if t.layer < split}, alpha)
+        return cls(split_model(model, split)[0])
+
+    def step(self, input_ids, attention_mask, upstream_grad):
+        params = list(self._params.values())
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            h = self.segment(torch.as_tensor(input_ids), torch.as_tensor(attention_mask))
+            grads = torch.autograd.grad((h * torch.as_tensor(upstream_grad)).sum(), params)
+        return h.detach(), dict(zip(self._params, grads))
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask):
+        return self.segment(torch.as_tensor(input_ids), torch.as_tensor(attention_mask))
+
+    def lora_tensors(self):
+        return {k: p.data for k, p in self._params.items()}
+
+    def _merge(self, deltas):
+        family = self.segment.family
+        for key, delta in deltas.items():
+            target = Target.parse(key)
+            offset = target.layer - self.segment.start
+            if not 0 <= offset < len(self.segment.blocks) or target.proj not in family.projections:
+                raise KeyError(f"{key} is not a weight of this segment (blocks {self.segment.start}-{self.segment.stop - 1})")
+            module = self.segment.blocks[offset].get_submodule(family.projections[target.proj].path)
+            if not isinstance(module, LoRALinear) or target.proj not in module.slices:
+                raise KeyError(f"{key} carries no adapter in this segment")
+            module.add_to_weight(target.proj, delta)
+
+
+def segment_blocks(model):
+    from hsplitlora.family import family_of
+
+    return family_of(model).blocks(model)
+
+
+def _order(key: str) -> tuple:
+    layer, proj, which = key.split(".")
+    return int(layer), proj, which

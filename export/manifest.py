@@ -1,0 +1,101 @@
+"""`manifest.json`: what an export directory holds, for the SDK, the server and a person.
+
+The format is documented in docs/export.md ("The manifest"); bump SCHEMA on incompatible changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = "hsplitlora.device-segment/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One format's files and how to call them."""
+
+    format: str  # "onnx" | "pte"
+    files: dict[str, str]  # role -> file name; onnx: program, weights; pte: program, lora
+    sha256: dict[str, str]  # file name -> hex digest, as written (in-place merges change it later)
+    bytes: dict[str, int]  # file name -> size
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    gradients: dict[str, str]  # LoRA key -> output name (onnx) or parameter FQN (pte)
+    parity: dict[str, float]  # max error relative to the largest magnitude: {"h": ..., "grads": ...}
+    export_seconds: float
+    frozen_weights: list[dict] = field(default_factory=list)  # see export/frozen.py
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema: str
+    model: str
+    family: str
+    split: int  # the device segment is embeddings + blocks[0:split]
+    ranks: dict[str, int]  # '3.q' -> rank, device-side targets only
+    alpha: dict[str, float]  # '3.q' -> alpha; the graph applies alpha / rank
+    batch: int
+    seq: int
+    hidden: int
+    vocab: int
+    lora: list[TensorSpec]  # '3.q.A' (r x d_in), '3.q.B' (d_out x r), in step order
+    lora_fqns: dict[str, str]  # '3.q.A' -> parameter FQN inside the program (ExecuTorch names)
+    tolerance: float  # the verification bound every artifact met (relative, see docs/export.md)
+    tools: dict[str, str]  # package -> version used to export
+    artifacts: dict[str, Artifact]  # format -> artifact
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported manifest schema {data.get('schema')!r}, expected {SCHEMA!r}")
+        data = dict(data)
+        data["lora"] = [TensorSpec(**t) for t in data["lora"]]
+        data["artifacts"] = {
+            fmt: Artifact(**{**a, "inputs": [TensorSpec(**t) for t in a["inputs"]],
+                             "outputs": [TensorSpec(**t) for t in a["outputs"]]})
+            for fmt, a in data["artifacts"].items()
+        }
+        return cls(**data)
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        return cls.from_dict(json.loads((Path(directory) / MANIFEST).read_text()))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_files(directory: Path, artifact: Artifact) -> list[str]:
+    """Files of an artifact whose size or sha256 differs from the manifest (empty: all intact)."""
+    bad = []
+    for name, digest in artifact.sha256.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            bad.append(f"{name}: missing")
+        elif path.stat().st_size != artifact.bytes[name] or sha256_file(path) != digest:
+            bad.append(f"{name}: sha256 differs from the manifest")
+    return bad

@@ -1,0 +1,158 @@
+"""ONNX back end: the joint graph as a plain-onnxruntime model with the LoRA factors as inputs.
+
+Exporting the joint ExportedProgram directly silently drops its gradient outputs, so the joint
+graph module is wrapped in an `nn.Module` that feeds the graph's inputs in `input_specs` order:
+frozen parameters, buffers and constants are registered as buffers (they become initializers,
+saved to `device_segment.onnx.data`), the user inputs and the LoRA factors are model inputs. The
+model's outputs are h and one gradient per LoRA tensor. The optimizer runs outside the model (SDK),
+so one artifact serves any optimizer and the adapters never touch the graph file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export.graph_signature import InputKind
+
+from export.joint import USER_INPUTS, JointProgram, example_inputs
+
+ONNX_FILE = "device_segment.onnx"
+ONNX_DATA = "device_segment.onnx.data"
+FORWARD_FILE = "device_segment_forward.onnx"
+
+
+def lora_input_name(key: str) -> str:
+    return f"lora.{key}"
+
+
+def grad_output_name(key: str) -> str:
+    return f"grad.{key}"
+
+
+class JointModule(nn.Module):
+    """`forward(input_ids, attention_mask, upstream_grad, *lora) -> (h, *grads)` over the joint graph."""
+
+    def __init__(self, joint: JointProgram):
+        super().__init__()
+        ep = joint.program
+        self.graph = ep.graph_module
+        keys = list(joint.lora_fqns)
+        key_of = {fqn: key for key, fqn in joint.lora_fqns.items()}
+        self._plan: list[tuple[str, object]] = []
+        n_user = 0
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                self._plan.append(("user", n_user))
+                n_user += 1
+            elif spec.target in key_of:
+                self._plan.append(("lora", keys.index(key_of[spec.target])))
+            else:
+                value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+                name = spec.target.replace(".", "__")
+                self.register_buffer(name, value.detach().clone())
+                self._plan.append(("buffer", name))
+        if n_user != len(USER_INPUTS):
+            raise RuntimeError(f"the joint graph takes {n_user} user inputs, expected {len(USER_INPUTS)}")
+        grads = joint.gradient_outputs
+        self._outputs = [joint.h_output] + [grads[k] for k in keys]
+
+    def forward(self, input_ids, attention_mask, upstream_grad, *lora):
+        user = (input_ids, attention_mask, upstream_grad)
+        args = [user[i] if kind == "user" else lora[i] if kind == "lora" else getattr(self, i)
+                for kind, i in self._plan]
+        outs = self.graph(*args)
+        return tuple(outs[i] for i in self._outputs)
+
+
+def export_onnx(joint: JointProgram, out_dir: Path, lora_init: dict[str, torch.Tensor]) -> list[Path]:
+    """Write device_segment.onnx (+ .data) into out_dir; returns the files written."""
+    import onnx
+
+    module = JointModule(joint).eval()
+    keys = list(joint.lora_fqns)
+    args = (*example_inputs(joint.batch, joint.seq, joint.hidden, joint.vocab), *(lora_init[k] for k in keys))
+    path = out_dir / ONNX_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, optimize=True, verbose=False,
+            input_names=[*USER_INPUTS, *(lora_input_name(k) for k in keys)],
+            output_names=["h", *(grad_output_name(k) for k in keys)],
+        )
+    model = program.model_proto
+    names = [i.name for i in model.graph.input]
+    expected = [*USER_INPUTS, *(lora_input_name(k) for k in keys)]
+    if names != expected:
+        raise RuntimeError(f"the ONNX model's inputs are {names}, expected {expected} "
+                           "(an input the graph does not use was dropped?)")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_DATA, size_threshold=1024)  # small constants stay inline: ORT shape inference reads them
+    return [path, out_dir / ONNX_DATA, extract_forward(path, keys)]
+
+
+def extract_forward(path: Path, keys: list[str]) -> Path:
+    """The subgraph of the joint model that computes h alone, sharing the joint model's weight file.
+
+    A device sends h before it knows dL/dh, so every step runs a forward and then the joint
+    graph. The joint graph asked for h alone still runs most of its nodes; this subgraph (the
+    nodes h depends on, the same initializers, still pointing into device_segment.onnx.data)
+    costs a plain forward. Inputs: input_ids, attention_mask, lora.<key>; output: h.
+    """
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = ["input_ids", "attention_mask", *(lora_input_name(k) for k in keys)]
+    forward = Extractor(model).extract_model(inputs, ["h"])
+    out = path.parent / FORWARD_FILE
+    onnx.save_model(forward, str(out))  # external initializers keep their location and offsets
+    return out
+
+
+def run_onnx(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, upstream_grad: torch.Tensor,
+             lora: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step through plain onnxruntime (the verification run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": input_ids.numpy().astype(np.int64),
+             "attention_mask": attention_mask.numpy().astype(np.int64),
+             "upstream_grad": upstream_grad.numpy().astype(np.float32)}
+    feeds.update({lora_input_name(k): v.detach().numpy().astype(np.float32) for k, v in lora.items()})
+    outputs = [o.name for o in session.get_outputs()]
+    values = dict(zip(outputs, session.run(None, feeds)))
+    h = torch.from_numpy(values["h"])
+    return h, {k: torch.from_numpy(values[grad_output_name(k)]) for k in lora}
+
+
+def run_onnx_forward(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     lora: dict[str, torch.Tensor]) -> torch.Tensor:
+    """h from the forward-only graph (the verification run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
+    feeds.update({lora_input_name(k): v.detach().numpy().astype(np.float32) for k, v in lora.items()})
+    return torch.from_numpy(session.run(["h"], feeds)[0])
+
+
+def tensor_specs(path: Path) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the saved model as [{name, shape, dtype}]."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(value_info):
+        t = value_info.type.tensor_type
+        return {"name": value_info.name, "shape": [d.dim_value for d in t.shape.dim],
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+    return [spec(i) for i in model.graph.input], [spec(o) for o in model.graph.output]

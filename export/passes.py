@@ -1,0 +1,96 @@
+"""Every graph pass the export pipeline applies, in one place (the APIs they patch around are experimental).
+
+Pinned to torch 2.13.0 / executorch 1.4.1. When either moves, re-run `tests/test_export.py`: a pass
+that is no longer needed is harmless, a new unsupported op shows up as an export or runtime error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+
+
+def replace_empty_permuted(gm: torch.fx.GraphModule) -> int:
+    """Rewrite `aten.empty_permuted(size, perm)` as `permute(empty([size[p] for p in perm]), perm^-1)`.
+
+    The joint graph's backward allocates gradient buffers with `empty_permuted`. Neither runtime
+    has it: the ExecuTorch runtime fails with "Missing operator aten::empty_permuted.out" (error
+    0x14), and the ONNX exporter with "No ONNX function found for aten.empty_permuted". Both
+    forms give a tensor of shape `size` laid out in memory in `perm` order. Returns the number of
+    nodes rewritten.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.empty_permuted.default:
+            continue
+        size, perm = list(node.args[0]), list(node.args[1])
+        inverse = [perm.index(i) for i in range(len(perm))]
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+        with graph.inserting_before(node):
+            empty = graph.call_function(torch.ops.aten.empty.memory_format, ([size[p] for p in perm],), kwargs)
+            permuted = graph.call_function(torch.ops.aten.permute.default, (empty, inverse))
+        for new in (empty, permuted):
+            new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        val = node.meta.get("val")
+        if val is not None:
+            permuted.meta["val"] = val
+            empty.meta["val"] = val.permute(perm)  # t = e.permute(perm^-1)  <=>  e = t.permute(perm)
+        node.replace_all_uses_with(permuted)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
+    """Rewrite `aten.constant_pad_nd` with negative pads (crops) as `aten.slice` (+ a non-negative pad).
+
+    LoRA on a slice of a fused weight (GPT-2's c_attn q/k/v) pads its update to the full output;
+    the backward of that pad is a pad by negative amounts, which ExecuTorch's portable kernel
+    refuses ("Padding values must be non-negative", error 0x12). Returns the number rewritten.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.constant_pad_nd.default:
+            continue
+        pad = list(node.args[1])
+        if all(p >= 0 for p in pad):
+            continue
+        x = node.args[0]
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        val = x.meta["val"]
+        cur, cur_val = x, val
+        with graph.inserting_before(node):
+            for i in range(len(pad) // 2):
+                dim = val.dim() - 1 - i
+                lo, hi = pad[2 * i], pad[2 * i + 1]
+                if lo >= 0 and hi >= 0:
+                    continue
+                size = cur_val.shape[dim]
+                start, end = max(-lo, 0), size + min(hi, 0)
+                cur = graph.call_function(torch.ops.aten.slice.Tensor, (cur, dim, start, end))
+                cur_val = torch.ops.aten.slice.Tensor(cur_val, dim, start, end)
+                cur.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+                cur.meta["val"] = cur_val
+            rest = [max(p, 0) for p in pad]
+            if any(rest):
+                cur = graph.call_function(torch.ops.aten.constant_pad_nd.default, (cur, rest, value))
+                cur.meta.update(node.meta)
+        node.replace_all_uses_with(cur)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def prepare_joint(ep: ExportedProgram) -> ExportedProgram:
+    """All passes the joint forward-backward program needs before either back end (in place)."""
+    replace_empty_permuted(ep.graph_module)
+    replace_negative_pad(ep.graph_module)
+    return ep

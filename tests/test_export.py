@@ -1,0 +1,157 @@
+"""Export of device segments with trainable LoRA: parity with eager autograd, manifest, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import export
+from export import Manifest, onnx_backend, parse_formats
+from export.cli import build_parser, main
+from export.manifest import check_files, sha256_file
+from export.passes import replace_empty_permuted
+from export.testing import cached_build
+
+# Both families, splits 1 and 2, mixed ranks; GPT-2's fused c_attn carries q, k and v adapters of
+# different ranks (three slices of one weight).
+CONFIGS = {
+    "llama-k1": ("tiny-llama", 1, "q=4,v=2,0.down=3"),
+    "gpt2-k2": ("tiny-gpt2", 2, "q=4,k=2,v=3,1.up=2"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def built(request):
+    return cached_build(*CONFIGS[request.param])
+
+
+def test_every_artifact_matches_eager_autograd(built):
+    _, manifest = built
+    assert set(manifest.artifacts) == {"onnx", "pte"}
+    for fmt, art in manifest.artifacts.items():
+        assert art.parity["h"] <= manifest.tolerance, f"{fmt}: h parity {art.parity['h']:.2e}"
+        assert art.parity["grads"] <= manifest.tolerance, f"{fmt}: gradient parity {art.parity['grads']:.2e}"
+    assert manifest.artifacts["onnx"].parity["forward_h"] <= manifest.tolerance  # the forward-only graph
+
+
+def test_manifest_names_the_segment_and_its_tensors(built):
+    out, manifest = built
+    model, split, _ = next(c for c in CONFIGS.values() if c[0] == manifest.model)
+    assert manifest.split == split and manifest.batch == 2 and manifest.seq == 8
+    # Only device-side targets (blocks < split), named '<layer>.<proj>'.
+    assert all(int(t.split(".")[0]) < split for t in manifest.ranks)
+    if model == "tiny-gpt2":
+        assert {manifest.ranks["0.q"], manifest.ranks["0.k"], manifest.ranks["0.v"]} == {4, 2, 3}
+        assert manifest.ranks["1.up"] == 2
+    else:
+        assert manifest.ranks == {"0.down": 3, "0.q": 4, "0.v": 2}
+    shapes = {t.name: t.shape for t in manifest.lora}
+    for target, rank in manifest.ranks.items():
+        assert shapes[f"{target}.A"][0] == rank and shapes[f"{target}.B"][1] == rank
+    onnx_art = manifest.artifacts["onnx"]
+    names = [t.name for t in onnx_art.inputs]
+    assert names[:3] == ["input_ids", "attention_mask", "upstream_grad"]
+    assert names[3:] == [f"lora.{t.name}" for t in manifest.lora]
+    assert onnx_art.inputs[2].shape == [2, 8, manifest.hidden]
+    assert [t.name for t in onnx_art.outputs] == ["h"] + [f"grad.{t.name}" for t in manifest.lora]
+    pte_art = manifest.artifacts["pte"]
+    assert [t.shape for t in pte_art.inputs] == [[2, 8], [2, 8], [2, 8, manifest.hidden]]
+    assert pte_art.outputs[1].shape == [2, 8, manifest.hidden]
+    assert set(pte_art.gradients) == set(shapes)
+    assert manifest.tools["executorch"] == "1.4.1" and manifest.tools["torch"].startswith("2.13.0")
+    # Hashes and sizes are those of the files; the JSON round-trips into the same dataclass.
+    for art in manifest.artifacts.values():
+        assert check_files(out, art) == []
+        for name, digest in art.sha256.items():
+            assert sha256_file(out / name) == digest
+    assert Manifest.load(out) == manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *manifest.artifacts["onnx"].sha256, *manifest.artifacts["pte"].sha256])
+
+
+def test_frozen_weights_table_locates_every_adapted_weight(built):
+    _, manifest = built
+    for fmt, art in manifest.artifacts.items():
+        targets = {f"{w['layer']}.{p}" for w in art.frozen_weights for p in w["targets"]}
+        assert targets == set(manifest.ranks), fmt
+        for w in art.frozen_weights:
+            assert w["copies"], f"{fmt}: no stored copy of {w['name']} found"
+
+
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
+    """An artifact off by 1e-3 of the largest gradient is refused, through the command line."""
+    real = onnx_backend.run_onnx
+
+    def off_by_a_little(*args, **kwargs):
+        h, grads = real(*args, **kwargs)
+        grads["0.q.A"] = grads["0.q.A"] + 1e-3 * max(g.abs().max() for g in grads.values())
+        return h, grads
+
+    monkeypatch.setattr(onnx_backend, "run_onnx", off_by_a_little)
+    out = tmp_path / "segment"
+    assert main(["--model", "tiny-llama", "--split", "1", "--ranks", "q=2", "--batch", "1", "--seq", "4",
+                 "--format", "onnx", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "onnx artifact does not match PyTorch eager autograd" in err
+    assert "gradients: max error 1.00e-03" in err and "(worst: 0.q.A)" in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_an_export(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an export directory"):
+        export.build("tiny-gpt2", 1, "q=2", batch=1, seq=4, formats="onnx", out_dir=out)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_build_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="split must satisfy"):
+        export.build("tiny-llama", 4, "q=2", out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="no rank > 0 falls in the device segment"):
+        export.build("tiny-llama", 1, "2-3:q=2", out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown export format"):
+        parse_formats("tflite")
+    assert parse_formats("both") == ("onnx", "pte") and parse_formats(["pte", "onnx"]) == ("onnx", "pte")
+
+
+def test_empty_permuted_pass_keeps_the_values():
+    class M(nn.Module):
+        def forward(self, x):
+            buf = torch.empty_permuted((2, 3, 4), (0, 2, 1), dtype=x.dtype)
+            return buf.fill_(1.0) + x
+
+    x = torch.randn(2, 3, 4)
+    ep = torch.export.export(M(), (x,))
+    gm = ep.graph_module
+    assert replace_empty_permuted(gm) == 1
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.empty_permuted.default not in ops
+    assert torch.allclose(ep.module()(x), x + 1)
+
+
+def test_cli_help_and_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--split", "--ranks", "--batch", "--seq", "--format", "--out"):
+        assert flag in text
+    args = build_parser().parse_args(["--split", "2", "--out", "d"])
+    assert (args.format, args.batch, args.seq, args.ranks) == ("both", 4, 128, "q=8,v=8")
+    assert main(["--model", "tiny-llama", "--split", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "split must satisfy" in capsys.readouterr().err
+
+
+def test_cli_prints_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["--model", "tiny-gpt2", "--split", "2", "--ranks", "q=4", "--batch", "2", "--seq", "8",
+                 "--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks 0-1" in printed and "onnx:" in printed and "pte:" not in printed and "manifest.json" in printed
+    manifest = Manifest.load(out)
+    assert manifest.split == 2 and set(manifest.artifacts) == {"onnx"}
+    assert manifest.ranks == {"0.q": 4, "1.q": 4}
