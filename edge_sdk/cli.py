@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
     p.add_argument("--relative-speed", type=float, help="this device's compute relative to the weakest (optional)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to take part in (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads on this device (default: torch's choice)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime", "executorch", "auto"), default="torch",
+                   help="what runs the device segment: eager torch (default), or an exported artifact the server "
+                        "builds for this plan, in onnxruntime or ExecuTorch; auto = the first installed of "
+                        "onnxruntime, torch, executorch")
+    p.add_argument("--artifact-dir", type=Path,
+                   help="where downloaded artifacts are kept (default: ~/.cache/hsplitlora/artifacts)")
     p.add_argument("--save", type=Path, help="write the device's merged weights and plan here at the end")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON object per step instead of a progress bar (for supervisors)")
@@ -53,16 +59,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
     client = Client(args.server, load_examples(args.data), args.memory_budget,
-                    relative_speed=args.relative_speed, token=args.token, ssl=context)
+                    relative_speed=args.relative_speed, token=args.token, ssl=context, runtime=args.runtime,
+                    artifact_dir=args.artifact_dir, threads=args.threads)
     plan = client.register()
     inner = client.inner
     emit = _json_progress if args.progress_json else None
     if emit:
         emit({"event": "registered", "client": inner.client_id, "split": plan.split,
-              "device_adapters": len(plan.ranks), "token": inner.token})
+              "device_adapters": len(plan.ranks), "token": inner.token, "runtime": inner.runtime_name})
     else:
         print(f"registered as {inner.client_id} (token {inner.token}); split {plan.split}, "
-              f"{len(plan.ranks)} device adapters")
+              f"{len(plan.ranks)} device adapters; runtime {inner.runtime_name}")
     steps = inner.settings["local_steps"]
     bar = None if emit else tqdm(total=args.rounds * steps, desc=inner.client_id, unit="step")
 

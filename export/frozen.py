@@ -33,17 +33,22 @@ class AdaptedWeight:
 
 
 def adapted_weights(segment: Segment) -> list[AdaptedWeight]:
-    """The frozen weights of the segment that carry at least one adapter."""
+    """The frozen weights of the segment that can be adapted: every LoRA-wrapped linear layer.
+
+    A layer is wrapped once any target in it is adapted or scored. Wrapped layers without an
+    adapter are listed too (their `targets` are all their projections): the aggregate of a round
+    can change a weight this device does not adapt, when another client adapts it.
+    """
     out = []
     for offset, block in enumerate(segment.blocks):
         for name, module in block.named_modules():
-            if isinstance(module, LoRALinear) and len(module.adapters):
+            if isinstance(module, LoRALinear):
                 w = module.base.weight.detach()
                 out.append(AdaptedWeight(
                     name=f"blocks.{offset}.{name}.base",
                     layer=segment.start + offset,
                     value=(w.t() if module.transposed else w).contiguous().float(),
-                    targets={proj: tuple(module.slices[proj]) for proj in module.adapters},
+                    targets={proj: tuple(rows) for proj, rows in module.slices.items()},
                 ))
     return out
 

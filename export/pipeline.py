@@ -28,7 +28,8 @@ from export.joint import JointProgram, eager_step, export_joint, lora_parameters
 from export.manifest import MANIFEST, SCHEMA, Artifact, Manifest, TensorSpec, sha256_file
 from export.verify import DEFAULT_RTOL, VerificationError, compare, verification_inputs
 from hsplitlora.family import family_of, num_layers
-from hsplitlora.lora import Target, adapters, apply_lora, parse_ranks
+from hsplitlora.importance import all_targets
+from hsplitlora.lora import Target, adapters, apply_lora, lora_layer, parse_ranks
 from hsplitlora.models import load_model
 from hsplitlora.split import split_model
 
@@ -180,6 +181,8 @@ def build(
         if not device_ranks:
             raise ValueError(f"no rank > 0 falls in the device segment (blocks 0-{split - 1}): nothing to train")
         apply_lora(model, device_ranks, alpha)
+    for target in all_targets(model, range(split)):
+        lora_layer(model, target)  # wrap every projection, so any of them can take a merged update
     segment, _ = split_model(model, split)
     segment.eval()
     t0 = time.perf_counter()

@@ -221,6 +221,19 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max
     return Batch(input_ids, mask, labels)
 
 
+def pad_batch(batch: Batch, batch_size: int, seq: int, pad_id: int) -> Batch:
+    """A batch right-padded to exactly batch_size x seq (whole padding rows: mask 0, labels ignored),
+    for runtimes whose shapes are fixed at export."""
+    b, t = batch.input_ids.shape
+    if b > batch_size or t > seq:
+        raise ValueError(f"a {b} x {t} batch does not fit the fixed shape {batch_size} x {seq}")
+    input_ids = torch.full((batch_size, seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch_size, seq), dtype=torch.long)
+    labels = torch.full((batch_size, seq), IGNORE, dtype=torch.long)
+    input_ids[:b, :t], mask[:b, :t], labels[:b, :t] = batch.input_ids, batch.attention_mask, batch.labels
+    return Batch(input_ids, mask, labels)
+
+
 def batches(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int, max_len: int,
     *, shuffle: bool = False, seed: int = 0,

@@ -120,6 +120,37 @@ def resource_normalised(model: PreTrainedModel, scores: dict[Target, float]) -> 
     return {t: s / (cost[t.proj] / mean_cost) for t, s in scores.items()}
 
 
+def mean_scores(rows: list[dict[Target, float]]) -> dict[Target, float]:
+    """Per weight, the mean of one round's scores over the clients that scored it.
+
+    Not every client scores every weight: a device running an exported segment has no weight
+    gradients, so only the server's half of its pipeline is scored.
+    """
+    sums: dict[Target, float] = {}
+    counts: dict[Target, int] = {}
+    for row in rows:
+        for t, v in row.items():
+            sums[t], counts[t] = sums.get(t, 0.0) + v, counts.get(t, 0) + 1
+    return {t: sums[t] / counts[t] for t in sorted(sums)}
+
+
+def fill_unscored(importance: dict[Target, float], targets: list[Target]) -> dict[Target, float]:
+    """Every target with a score. A target never scored (its block is held only by devices that
+    run exported segments, which have no weight gradients) takes the mean score of its projection
+    over the blocks that were scored, or of all scored weights if its projection never was."""
+    if not importance:
+        return {}
+    by_proj: dict[str, list[float]] = {}
+    for t, v in importance.items():
+        by_proj.setdefault(t.proj, []).append(v)
+    overall = sum(importance.values()) / len(importance)
+    out = {}
+    for t in targets:
+        same = by_proj.get(t.proj)
+        out[t] = importance[t] if t in importance else (sum(same) / len(same) if same else overall)
+    return out
+
+
 @dataclass
 class ImportanceTracker:
     """Smoothed importance: history weighs more as training progresses (scores settle)."""

@@ -66,14 +66,18 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer, frozen and in eval mode (LoRA adds what trains)."""
-    path = resolve_model_dir(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(name_or_path), dtype=dtype)
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerFast:
+    """The model's tokenizer alone (a device running an exported segment needs no model weights)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _cached(name: str, writer) -> Path:

@@ -39,7 +39,14 @@ from hsplitlora.data import (
     shard,
 )
 from hsplitlora.finetune import EvalConfig, evaluate, split_eval, spread
-from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, resource_normalised
+from hsplitlora.importance import (
+    ImportanceTracker,
+    SensitivityProbe,
+    all_targets,
+    fill_unscored,
+    mean_scores,
+    resource_normalised,
+)
 from hsplitlora.lora import (
     LoRAFactors,
     Target,
@@ -87,6 +94,7 @@ class SimConfig:
     alpha: float = 16.0
     seed: int = 0
     iid: bool = False
+    device_scores: bool = True  # devices score their blocks' importance (not when they run exported segments)
     budget_spread: float = 4.0  # strongest / weakest device budget, as in the paper's setting
     server_speed: float = 2.0  # the server's compute per client, relative to the weakest device
     baseline_rank: int = 8  # cenlora's rank
@@ -241,6 +249,8 @@ class Federation:
                 with SensitivityProbe(self.model, probe_targets) as probe:
                     losses.append(self._step(client, batch))
                 scores = probe.scores
+                if not self.cfg.device_scores and client.split is not None:
+                    scores = {t: v for t, v in scores.items() if t.layer >= client.split}
             else:
                 losses.append(self._step(client, batch))
         self.model.eval()
@@ -316,8 +326,9 @@ class Federation:
                         scores.append(resource_normalised(self.model, client_scores))
                     bar.set_postfix(client=c.name, loss=f"{client_losses[-1]:.3f}")
             if scores:
-                mean = {t: sum(s[t] for s in scores) / len(scores) for t in scores[0]}
-                self.importance = self.tracker.update(mean, progress=r / max(cfg.rounds - 1, 1))
+                mean = mean_scores(scores)
+                smoothed = self.tracker.update(mean, progress=r / max(cfg.rounds - 1, 1))
+                self.importance = fill_unscored(smoothed, all_targets(self.model))
                 log.info("round %d: most important weights %s", r + 1,
                          ", ".join(f"{t} {self.importance[t]:.3g}" for t in self.tracker.ranking()[:5]))
             self.round += 1

@@ -19,6 +19,7 @@ from aiohttp import web
 from hsplitlora.lora import Target
 from hsplitlora.planner import PlanError
 from hsplitlora.wire import TensorSpec, WireError, decode, encode
+from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
 from server.store import Store
 from server.trainer import ServerTrainer, server_snapshot
@@ -69,6 +70,7 @@ class ServerState:
         self.limit = cfg.request_limit(self.trainer.dims.hidden, self._adapter_bytes())
         self.aggregating = asyncio.Lock()
         self.scores: dict[str, dict[Target, float]] = {}
+        self.artifacts = ArtifactCache(cfg.state)
 
     def _adapter_bytes(self) -> int:
         q = self.cfg.planner.rank_set[-1]
@@ -225,7 +227,8 @@ async def round_update(request: web.Request) -> web.Response:
     tensors.pop("empty", None)
     plan = state.trainer.clients[client_id].plan
     return web.Response(body=encode(tensors, "fp32"), content_type="application/octet-stream",
-                        headers={"X-Plan": json.dumps(plan.to_dict()), "X-Round": str(state.round)})
+                        headers={"X-Plan": json.dumps(plan.to_dict()), "X-Round": str(state.round),
+                                 "X-Update": "merge" if state.trainer.merging else "start"})
 
 
 async def deltas(request: web.Request) -> web.Response:
@@ -234,6 +237,34 @@ async def deltas(request: web.Request) -> web.Response:
     split = state.trainer.clients[request[CLIENT]].plan.split
     tensors = {f"{k}.delta": v for k, v in state.trainer.deltas().items() if Target.parse(k).layer < split}
     return web.Response(body=encode(tensors or {}, "fp32"), content_type="application/octet-stream")
+
+
+async def artifact(request: web.Request) -> web.Response:
+    """The exported device segment of the client's current plan: manifest and file URLs (built on first ask)."""
+    state: ServerState = request.app[STATE]
+    fmt = request.query.get("format", "")
+    if fmt not in FORMATS:
+        return error(400, f"query parameter format must be one of {', '.join(FORMATS)}")
+    plan = state.trainer.clients[request[CLIENT]].plan
+    if not any(t.layer < plan.split for t in plan.ranks):
+        return error(409, "this client's plan has no device-side adapters: nothing to export; train with eager torch")
+    cfg = state.cfg
+    key = ArtifactKey.for_plan(cfg.model, plan, cfg.alpha, cfg.batch_size, cfg.max_len, fmt)
+    try:
+        manifest = await state.artifacts.ensure(key)
+    except BuildError as e:
+        log.error("%s", e)
+        return error(500, str(e))
+    return web.json_response(state.artifacts.describe(key.id, manifest, fmt))
+
+
+async def artifact_file(request: web.Request) -> web.StreamResponse:
+    """One file of a built artifact; Range requests resume an interrupted download."""
+    state: ServerState = request.app[STATE]
+    path = state.artifacts.file(request.match_info["id"], request.match_info["name"])
+    if path is None:
+        return error(404, "no such artifact file")
+    return web.FileResponse(path)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -264,6 +295,8 @@ def make_app(cfg: ServerConfig) -> web.Application:
     app.router.add_get("/v1/rounds/{round:\\d+}/update", round_update)
     app.router.add_get("/v1/deltas", deltas)
     app.router.add_get("/v1/me", me)
+    app.router.add_get("/v1/artifact", artifact)
+    app.router.add_get("/v1/artifacts/{id}/{name}", artifact_file)
     app.router.add_get("/v1/status", status)
 
     async def start_watch(app: web.Application) -> None:

@@ -7,6 +7,7 @@ import logging
 import ssl
 from pathlib import Path
 
+from hsplitlora.aggregation import AGGREGATORS
 from hsplitlora.models import DEFAULT_MODEL, NAMED_MODELS
 from hsplitlora.planner import PlannerConfig
 from hsplitlora.wire import WIRE_FORMATS
@@ -17,13 +18,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "server", help="run the federation backend (aiohttp): plans, server-side segments, aggregation, state",
         description="Serve split fine-tuning to devices: register them, plan their split and ranks, train each "
-                    "client's server segment, aggregate every round (naa), keep state in SQLite + safetensors.",
+                    "client's server segment, aggregate every round (naa by default), keep state in SQLite + safetensors.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(NAMED_MODELS)} or a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
     p.add_argument("--state", type=Path, default=Path("server-state"),
                    help="state directory (SQLite + tensors); restart with the same one to resume")
+    p.add_argument("--method", choices=sorted(AGGREGATORS), default="naa",
+                   help="aggregation: naa (HSplitLoRA's noise-free stacking, merged into the weights; default) "
+                        "or fedavg / hetlora / flexlora (a global adapter on frozen weights; plans stay fixed)")
     p.add_argument("--rounds", type=int, default=10,
                    help="planned rounds of the run; importance smoothing settles over them (default: %(default)s)")
     p.add_argument("--clients-per-round", type=int, default=1,
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig(
         model=args.model, state=args.state, host=args.host, port=args.port,
-        rounds=args.rounds, clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
+        method=args.method, rounds=args.rounds, clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
         local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
         seed=args.seed, wire=args.wire, max_request_bytes=args.max_request_bytes,
         planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(","))),

@@ -16,7 +16,14 @@ import torch
 
 from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
 from hsplitlora.cost import ModelDims, StepShape
-from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, resource_normalised
+from hsplitlora.importance import (
+    ImportanceTracker,
+    SensitivityProbe,
+    all_targets,
+    fill_unscored,
+    mean_scores,
+    resource_normalised,
+)
 from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import load_model
 from hsplitlora.planner import Budget, Plan, plan_device, server_ranks, should_replan, uniform_importance
@@ -27,7 +34,25 @@ from server.store import ClientRecord, Store
 
 log = logging.getLogger(__name__)
 DELTAS = "deltas/merged.safetensors"
+GLOBAL_ADAPTER = "deltas/global-adapter.safetensors"  # methods that keep W frozen: W + this adapter
 IMPORTANCE = "importance.safetensors"
+MERGING = {"naa"}  # aggregators whose update is merged into W (the others keep a global adapter)
+
+
+def start_factors(client_id: str) -> str:
+    """Where the factors a client starts its next round from are kept (non-merging methods)."""
+    return f"starts/{client_id}.safetensors"
+
+
+def factors_to_tensors(factors: dict[Target, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for t, (a, b) in factors.items():
+        out[f"{t}.A"], out[f"{t}.B"] = a, b
+    return out
+
+
+def tensors_to_factors(tensors: dict[str, torch.Tensor]) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
+    return {Target.parse(k[:-2]): (v, tensors[k[:-2] + ".B"]) for k, v in tensors.items() if k.endswith(".A")}
 
 
 def server_snapshot(round_number: int, client_id: str) -> str:
@@ -61,9 +86,10 @@ class ServerTrainer:
     """Server segments, adapters, aggregation and planning for every client."""
 
     def __init__(self, cfg: ServerConfig, store: Store):
-        if cfg.method != "naa":
-            raise ValueError(f"the networked server aggregates with naa only for now, not {cfg.method!r}")
+        if cfg.method not in AGGREGATORS:
+            raise ValueError(f"unknown aggregation method {cfg.method!r}; choose from {', '.join(AGGREGATORS)}")
         self.cfg, self.store = cfg, store
+        self.merging = cfg.method in MERGING
         self.model, _ = load_model(cfg.model)
         self.dims = ModelDims.from_config(self.model.config)
         self.shape = StepShape(cfg.batch_size, cfg.max_len)
@@ -74,10 +100,12 @@ class ServerTrainer:
         for t in self.targets:
             if str(t) in deltas:
                 lora_layer(self.model, t).add_to_weight(t.proj, deltas[str(t)])
+        self.global_adapter = {t: LowRank(a, b) for t, (a, b) in
+                               tensors_to_factors(store.load_tensors(GLOBAL_ADAPTER) or {}).items()}
         self.tracker = ImportanceTracker()
         saved = store.load_tensors(IMPORTANCE) or {}
         self.tracker.smoothed = {Target.parse(k): float(v) for k, v in saved.items()}
-        self.importance = dict(self.tracker.smoothed) or uniform_importance(self.dims, cfg.planner)
+        self.importance = fill_unscored(self.tracker.smoothed, self.targets) or uniform_importance(self.dims, cfg.planner)
         self.clients: dict[str, ServerClient] = {}
         self.segments: dict[int, Segment] = {}
         for record in store.clients():
@@ -115,9 +143,17 @@ class ServerTrainer:
             self._adopt(record, plan)
 
     def _fresh_adapters(self, client: ServerClient, round_number: int) -> None:
-        ranks = server_ranks(self.dims, client.plan.split, self.importance, self.cfg.planner)
+        """The client's server-side adapters for a round: fresh, or (non-merging methods) where
+        the last aggregation left them."""
         install_adapters(self.model, {})
-        client.factors = apply_lora(self.model, ranks, self.cfg.alpha, seed=(self.cfg.seed, client.number, round_number))
+        saved = None if self.merging else self.store.load_tensors(start_factors(client.id))
+        if saved is not None:
+            start = {t: ab for t, ab in tensors_to_factors(saved).items() if t.layer >= client.plan.split}
+            client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
+        else:
+            ranks = server_ranks(self.dims, client.plan.split, self.importance, self.cfg.planner)
+            client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
+                                        seed=(self.cfg.seed, client.number, round_number))
         client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
         client.scores, client.last_step, client.last_reply = {}, None, None
 
@@ -169,11 +205,14 @@ class ServerTrainer:
     # ----- aggregation -------------------------------------------------------------------------
     def aggregate(self, uploads: dict[str, dict[str, torch.Tensor]], device_scores: dict[str, dict[Target, float]],
                   round_number: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Merge one round (the uploading clients' device + server adapters) and re-plan everyone.
+        """Aggregate one round (the uploading clients' device + server adapters).
 
-        Returns, per client, the tensors of its update: for each changed weight of its device
-        blocks the stacked factors ('<t>.A', '<t>.B', scale folded in), and for blocks a new plan
-        moves onto the device the merged delta against the base checkpoint ('<t>.delta').
+        naa merges into the weights and re-plans everyone; the reply to each client holds, for
+        each changed weight of its device blocks, the stacked factors to add ('<t>.A', '<t>.B',
+        scale folded in), and for blocks a new plan moves onto the device the merged delta
+        against the base checkpoint ('<t>.delta'). The other methods keep W frozen and a global
+        adapter; the reply holds the factors the client's device adapters start the next round
+        from ('<t>.A', '<t>.B' at its ranks, its alpha / r applies).
         """
         with self.lock:
             updates: dict[Target, list[ClientUpdate]] = {}
@@ -189,19 +228,39 @@ class ServerTrainer:
                     updates.setdefault(t, []).append(
                         ClientUpdate(client_id, f.A.detach(), f.B.detach(), f.scale, float(client.examples)))
             merged: dict[Target, LowRank] = {}
+            starts: dict[str, dict[Target, tuple[torch.Tensor, torch.Tensor]]] = {cid: {} for cid in uploads}
             for t, ups in sorted(updates.items()):
-                merged[t] = AGGREGATORS[self.cfg.method](ups).global_update
-                lora_layer(self.model, t).add_to_weight(t.proj, merged[t].dense())
+                result = AGGREGATORS[self.cfg.method](ups)
+                if self.merging:
+                    merged[t] = result.global_update
+                    lora_layer(self.model, t).add_to_weight(t.proj, merged[t].dense())
+                else:
+                    self.global_adapter[t] = result.global_update
+                    for cid, ab in result.client_factors.items():
+                        starts[cid][t] = ab
             self._update_importance(uploads, device_scores, round_number)
             replies = {}
             for client in self.clients.values():
-                old_split = client.plan.split
-                new = self._plan(client.budget, client.speed)
-                if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
-                    client.plan = new
-                replies[client.id] = self._update_payload(merged, old_split, client.plan.split)
+                if self.merging:
+                    old_split = client.plan.split
+                    new = self._plan(client.budget, client.speed)
+                    if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
+                        client.plan = new
+                    replies[client.id] = self._update_payload(merged, old_split, client.plan.split)
+                else:
+                    # The client's own factors at its own ranks; plans stay (a new rank has no factors).
+                    # A client that missed the round starts the next one where it started this one.
+                    if client.id in starts:
+                        self.store.save_tensors(start_factors(client.id), factors_to_tensors(starts[client.id]))
+                    saved = tensors_to_factors(self.store.load_tensors(start_factors(client.id)) or {})
+                    replies[client.id] = factors_to_tensors(
+                        {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
                 self._fresh_adapters(client, round_number + 1)
-            self.store.save_tensors(DELTAS, self.deltas())
+            if self.merging:
+                self.store.save_tensors(DELTAS, self.deltas())
+            else:
+                self.store.save_tensors(GLOBAL_ADAPTER, factors_to_tensors(
+                    {t: (u.A, u.B) for t, u in self.global_adapter.items()}))
             self.store.save_tensors(IMPORTANCE, {str(t): torch.tensor(v, dtype=torch.float64)
                                                  for t, v in self.tracker.smoothed.items()})
             return replies
@@ -210,12 +269,10 @@ class ServerTrainer:
         """Average the round's scores over the clients (each scored its device and its server
         blocks) and fold them into the smoothed importance, as the simulation does."""
         rows = [{**device_scores.get(cid, {}), **self.clients[cid].scores} for cid in uploads]
-        rows = [r for r in rows if r]
-        if rows:
-            keys = sorted(set().union(*rows))
-            mean = {t: sum(r.get(t, 0.0) for r in rows) / len(rows) for t in keys}
+        mean = mean_scores([r for r in rows if r])
+        if mean:
             progress = (round_number - 1) / max(self.cfg.rounds - 1, 1)  # rounds count from 1
-            self.importance = self.tracker.update(mean, progress)
+            self.importance = fill_unscored(self.tracker.update(mean, progress), self.targets)
 
     def _update_payload(self, merged: dict[Target, LowRank], old_split: int, new_split: int) -> dict[str, torch.Tensor]:
         out = {}

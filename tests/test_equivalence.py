@@ -3,6 +3,7 @@ one-process simulation ends: same plans, same merged weights, on the server and 
 
 import json
 import subprocess
+from dataclasses import replace
 import sys
 import time
 import urllib.request
@@ -17,6 +18,7 @@ from hsplitlora.lora import lora_layer
 from hsplitlora.simulate import Federation, SimConfig
 
 TOL = 1e-5
+RUNTIME_TOL = 1e-4  # other kernels (ONNX Runtime, XNNPACK) sum in other orders
 
 
 def _status(url):
@@ -32,7 +34,7 @@ def _simulated(cfg: SimConfig):
     return fed, deltas
 
 
-def _networked(cfg: SimConfig, fed: Federation, workdir, runtime: str | None = None):
+def _networked(cfg: SimConfig, fed: Federation, workdir, runtimes: list[str] | None = None):
     """Run the same federation over HTTP; returns (server deltas, per-client device deltas, status)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -49,7 +51,7 @@ def _networked(cfg: SimConfig, fed: Federation, workdir, runtime: str | None = N
         for c in fed.clients:
             data = workdir / f"{c.name}.jsonl"
             data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in c.data))
-            extra = ["--runtime", runtime] if runtime else []
+            extra = ["--runtime", runtimes[c.index], "--artifact-dir", str(workdir / "artifacts")] if runtimes else []
             clients.append(subprocess.Popen(
                 [*py, "client", "--server", url, "--data", str(data), "--memory-budget", repr(c.budget.memory_bytes),
                  "--relative-speed", repr(c.speed), "--rounds", str(cfg.rounds), "--threads", "1",
@@ -79,22 +81,32 @@ def equivalence_config(e2e_dir) -> SimConfig:
                      eval=EvalConfig(loss_items=1, generate_items=1, max_new_tokens=4, coco=False))
 
 
-def assert_same_run(fed, sim, server, devices, status):
+def assert_same_run(fed, sim, server, devices, status, tol=TOL):
     assert [c["split"] for c in status["clients"]] == [c.plan.split for c in fed.clients]
     assert status["completed_rounds"] == fed.cfg.rounds
     assert set(server) == {k for k, v in sim.items() if v.abs().max() > 0}
     worst = max(float((server[k] - sim[k]).abs().max()) for k in server)
-    assert worst <= TOL, f"server weights differ from the simulation's by {worst:.2e}"
+    assert worst <= tol, f"server weights differ from the simulation's by {worst:.2e}"
     scale = max(float(v.abs().max()) for v in server.values())
-    assert scale > 100 * TOL  # the run moved the weights: the comparison checks something
+    assert scale > 10 * tol  # the run moved the weights: the comparison checks something
+    print(f"max |networked - simulated| = {worst:.2e}, largest weight change {scale:.2e}")
     for c, device in zip(fed.clients, devices):
         assert device, f"{c.name} saved no device weights"
         for key, value in device.items():
             diff = float((value - sim[key]).abs().max())
-            assert diff <= TOL, f"{c.name} {key}: device weights differ from the simulation's by {diff:.2e}"
+            assert diff <= tol, f"{c.name} {key}: device weights differ from the simulation's by {diff:.2e}"
 
 
 def test_a_networked_run_ends_at_the_simulated_weights(tmp_path, e2e_dir):
     cfg = equivalence_config(e2e_dir)
     fed, sim = _simulated(cfg)
     assert_same_run(fed, sim, *_networked(cfg, fed, tmp_path))
+
+
+def test_clients_on_onnxruntime_and_executorch_end_at_the_simulated_weights(tmp_path, e2e_dir):
+    """Each device downloads the artifact the server exports for its plan, merges every round's update
+    into it in place (or fetches a new one when re-planned) and trains it with the SDK's AdamW."""
+    # Exported segments have no weight gradients: their devices cannot score importance.
+    cfg = replace(equivalence_config(e2e_dir), device_scores=False)
+    fed, sim = _simulated(cfg)
+    assert_same_run(fed, sim, *_networked(cfg, fed, tmp_path, runtimes=["onnxruntime", "executorch"]), tol=RUNTIME_TOL)

@@ -2,7 +2,14 @@ import pytest
 
 from conftest import FAMILY_MODELS
 from hsplitlora.data import Example, collate
-from hsplitlora.importance import ImportanceTracker, all_targets, resource_normalised, sensitivity
+from hsplitlora.importance import (
+    ImportanceTracker,
+    all_targets,
+    fill_unscored,
+    mean_scores,
+    resource_normalised,
+    sensitivity,
+)
 from hsplitlora.lora import Target, apply_lora, lora_layer, parse_ranks
 from hsplitlora.split import split_model, whole_model
 
@@ -76,3 +83,14 @@ def test_tracker_smooths_with_rising_history_weight():
     late.update({a: 1.0}, progress=1.0)
     assert late.update({a: 0.0}, progress=1.0)[a] == pytest.approx(0.8)
     assert tracker.ranking() == [b, a]
+
+
+def test_unscored_weights_take_the_mean_of_their_projection():
+    scored = {Target(2, "q"): 1.0, Target(3, "q"): 3.0, Target(3, "v"): 5.0}
+    targets = [Target(i, p) for i in range(4) for p in ("q", "v", "o")]
+    filled = fill_unscored(scored, targets)
+    assert set(filled) == set(targets)
+    assert filled[Target(3, "q")] == 3.0 and filled[Target(0, "q")] == 2.0 and filled[Target(0, "v")] == 5.0
+    assert filled[Target(1, "o")] == pytest.approx(3.0)  # no 'o' scored anywhere: the mean of all
+    assert mean_scores([{Target(0, "q"): 1.0}, {Target(0, "q"): 3.0, Target(5, "v"): 2.0}]) == {
+        Target(0, "q"): 2.0, Target(5, "v"): 2.0}

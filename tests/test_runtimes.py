@@ -124,6 +124,9 @@ def test_merged_update_is_applied_in_place(config, built, runtime, tmp_path):
         b_shape = next(t.shape for t in manifest.lora if t.name == f"{target}.B")
         update[f"{target}.A"] = torch.randn(rank + 1, a_shape[1], generator=gen) * 0.1  # stacked: any R
         update[f"{target}.B"] = torch.randn(b_shape[0], rank + 1, generator=gen) * 0.1
+    # A weight this segment does not adapt changes too when another client adapts it (dense update).
+    assert "0.o" not in manifest.ranks
+    update["0.o"] = torch.randn(manifest.hidden, manifest.hidden, generator=gen) * 0.1
     lora = random_lora(ref.lora_shapes(), seed=9)
     rt.set_lora_tensors(lora)
     ref.apply_merged_update(update)

@@ -124,3 +124,40 @@ def test_registration_beyond_the_minimum_budget_is_refused_with_the_reason(tmp_p
                 await client.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("method", ["fedavg", "hetlora", "flexlora"])
+def test_non_merging_methods_keep_weights_frozen_and_continue_from_the_aggregated_factors(tmp_path, e2e_dir, method):
+    from hsplitlora.aggregation import AGGREGATORS, ClientUpdate
+    from server.trainer import GLOBAL_ADAPTER, server_snapshot, tensors_to_factors
+
+    shards = shard(load_e2e_train(e2e_dir)[:200], 2, iid=False)
+
+    async def main():
+        async with running_server(_cfg(tmp_path, method=method)) as (url, state):
+            before = {t: lora_layer(state.trainer.model, t).weight_slice(t.proj).clone() for t in state.trainer.targets}
+            clients = [AsyncClient(url, shards[0], memory_budget=12e6), AsyncClient(url, shards[1], memory_budget=40e6)]
+            await asyncio.gather(*(c.run(rounds=1) for c in clients))
+            starts = [dict(c.start) for c in clients]
+            await asyncio.gather(*(c.run(rounds=1) for c in clients))  # round 2 starts from them
+            assert state.store.completed_rounds() == 2
+            for t, w in before.items():  # W never changes: the global model is W + the global adapter
+                assert torch.equal(lora_layer(state.trainer.model, t).weight_slice(t.proj), w)
+            return clients, starts, state
+
+    clients, starts, state = asyncio.run(main())
+    store, alpha = state.store, state.cfg.alpha
+    # Round 1 again, from what the server kept on disk: every participant's device and server factors.
+    updates = {}
+    for c in clients:
+        halves = {**store.load_tensors(f"rounds/1/{c.client_id}.safetensors"),
+                  **store.load_tensors(server_snapshot(1, c.client_id))}
+        for t, (a, b) in tensors_to_factors(halves).items():
+            updates.setdefault(t, []).append(ClientUpdate(c.client_id, a, b, alpha / a.shape[0], float(len(c.examples))))
+    assert starts[0] and starts[1]
+    for i, c in enumerate(clients):
+        for key, value in starts[i].items():
+            t = key[:-2]
+            expected = AGGREGATORS[method](updates[next(u for u in updates if str(u) == t)]).client_factors[c.client_id]
+            assert torch.allclose(value, expected[0 if key.endswith(".A") else 1], atol=1e-6), (method, c.client_id, key)
+    assert store.load_tensors(GLOBAL_ADAPTER)

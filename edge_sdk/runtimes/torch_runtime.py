@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from edge_sdk.runtimes.base import DeviceRuntime
-from hsplitlora.lora import LoRALinear, Target, apply_lora, parse_ranks
+from hsplitlora.importance import all_targets
+from hsplitlora.lora import LoRALinear, Target, apply_lora, lora_layer, parse_ranks
 from hsplitlora.split import Segment, split_model
 
 
@@ -29,10 +30,15 @@ class TorchRuntime(DeviceRuntime):
 
     @classmethod
     def from_model(cls, model, split: int, ranks: str | dict[Target, int], alpha: float = 16.0) -> TorchRuntime:
-        """Fresh adapters of the given ranks on the model's device-side blocks (the model is changed)."""
+        """Fresh adapters of the given ranks on the model's device-side blocks (the model is changed).
+
+        Every projection of those blocks is wrapped, adapted or not, so that any can take a merge.
+        """
         n = len(segment_blocks(model))
         if isinstance(ranks, str):
             ranks = parse_ranks(ranks, n)
+        for target in all_targets(model, range(split)):
+            lora_layer(model, target)
         apply_lora(model, {t: r for t, r in ranks.items() if t.layer < split}, alpha)
         return cls(split_model(model, split)[0])
 
@@ -61,7 +67,7 @@ class TorchRuntime(DeviceRuntime):
                 raise KeyError(f"{key} is not a weight of this segment (blocks {self.segment.start}-{self.segment.stop - 1})")
             module = self.segment.blocks[offset].get_submodule(family.projections[target.proj].path)
             if not isinstance(module, LoRALinear) or target.proj not in module.slices:
-                raise KeyError(f"{key} carries no adapter in this segment")
+                raise KeyError(f"{key} is not wrapped for updates in this segment (TorchRuntime.from_model wraps all)")
             module.add_to_weight(target.proj, delta)
 
 
