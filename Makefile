@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-methods bench-network clean
+.PHONY: demo test install bench-methods bench-network bench-runtimes clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench-methods: $(STAMP)
 # The networked step against single-process PEFT, concurrency, wire formats (about 10 minutes).
 bench-network: $(STAMP)
 	$(BIN)/python bench/network.py
+
+# One split-learning device step per runtime (eager, onnxruntime, ExecuTorch) on SmolLM2-135M,
+# k = 2, 4, 8 (about 30 minutes, most of it exports); times under /tmp/hsplitlora-bench.lock.
+bench-runtimes: $(STAMP)
+	$(BIN)/python bench/runtimes.py
 
 clean:
 	rm -rf $(VENV)

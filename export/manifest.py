@@ -32,9 +32,11 @@ class Artifact:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     gradients: dict[str, str]  # LoRA key -> output name (onnx) or parameter FQN (pte)
-    parity: dict[str, float]  # max error relative to the largest magnitude: {"h": ..., "grads": ...}
+    parity: dict[str, float]  # max error relative to the largest magnitude: {"h", "grads", "forward_h"}
     export_seconds: float
     frozen_weights: list[dict] = field(default_factory=list)  # see export/frozen.py
+    # role -> method name inside a multi-method program; pte: {"step": "forward", "forward": "forward_h"}
+    methods: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -116,6 +116,7 @@ class _Run:
     gradients: dict[str, str]
     inputs: list[dict]
     outputs: list[dict]
+    methods: dict[str, str] = field(default_factory=dict)
 
 
 def _run_onnx(joint: JointProgram, files: list[Path], check) -> _Run:
@@ -131,10 +132,10 @@ def _run_onnx(joint: JointProgram, files: list[Path], check) -> _Run:
 
 def _run_pte(joint: JointProgram, files: list[Path], check) -> _Run:
     pte, ptd = files
-    h, grads = et_backend.run_pte(pte, ptd, joint.lora_fqns, *check)
+    h, grads, forward_h = et_backend.run_pte(pte, ptd, joint.lora_fqns, *check)
     inputs, outputs = et_backend.tensor_specs(pte, ptd)
-    return _Run(h, grads, None, roles={"program": pte.name, "lora": ptd.name},
-                gradients=dict(joint.lora_fqns), inputs=inputs, outputs=outputs)
+    return _Run(h, grads, forward_h, roles={"program": pte.name, "lora": ptd.name},
+                gradients=dict(joint.lora_fqns), inputs=inputs, outputs=outputs, methods=dict(et_backend.METHODS))
 
 
 def build(
@@ -200,7 +201,8 @@ def build(
         artifacts = {}
         for fmt in fmts:
             t0 = time.perf_counter()
-            files = onnx_backend.export_onnx(joint, tmp, initial) if fmt == "onnx" else et_backend.export_pte(joint, tmp)
+            files = (onnx_backend.export_onnx(joint, tmp, initial) if fmt == "onnx"
+                     else et_backend.export_pte(joint, segment, tmp))
             seconds = trace_seconds + time.perf_counter() - t0
             run = _run_onnx(joint, files, check) if fmt == "onnx" else _run_pte(joint, files, check)
             parity = compare(ref_h, ref_grads, run.h, run.grads)
@@ -228,6 +230,7 @@ def build(
                 parity=errors,
                 export_seconds=round(seconds, 2),
                 frozen_weights=locate(weights, files),
+                methods=run.methods,
             )
         manifest = Manifest(
             schema=SCHEMA,

@@ -9,6 +9,7 @@ from torch import nn
 import export
 from export import Manifest, onnx_backend, parse_formats
 from export.cli import build_parser, main
+from export.executorch_backend import load_training_module
 from export.manifest import check_files, sha256_file
 from export.passes import replace_empty_permuted
 from export.testing import cached_build
@@ -32,7 +33,19 @@ def test_every_artifact_matches_eager_autograd(built):
     for fmt, art in manifest.artifacts.items():
         assert art.parity["h"] <= manifest.tolerance, f"{fmt}: h parity {art.parity['h']:.2e}"
         assert art.parity["grads"] <= manifest.tolerance, f"{fmt}: gradient parity {art.parity['grads']:.2e}"
-    assert manifest.artifacts["onnx"].parity["forward_h"] <= manifest.tolerance  # the forward-only graph
+        assert art.parity["forward_h"] <= manifest.tolerance, f"{fmt}: forward-only h parity"
+
+
+def test_executorch_program_has_a_forward_only_method_sharing_the_frozen_weights(built):
+    out, manifest = built
+    art = manifest.artifacts["pte"]
+    assert art.methods == {"step": "forward", "forward": "forward_h"}
+    program = load_training_module(out / art.files["program"], out / art.files["lora"]).model
+    assert {"forward", "forward_h"} <= set(program.method_names())
+    meta = program.method_meta("forward_h")
+    assert meta.num_inputs() == 2 + len(manifest.lora) and meta.num_outputs() == 1
+    # One stored copy of each frozen weight serves both methods (not one per method).
+    assert all(len(w["copies"]) == 1 for w in art.frozen_weights), [w["copies"] for w in art.frozen_weights]
 
 
 def test_manifest_names_the_segment_and_its_tensors(built):

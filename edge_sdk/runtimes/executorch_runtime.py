@@ -2,8 +2,10 @@
 
 `executorch.extension.training.TrainingModule` runs the joint method "forward" and exposes the
 live LoRA tensors (loaded from the .ptd) and their gradients by parameter FQN; the manifest maps
-FQNs to '0.q.A' keys. The runtime only exposes its tensors after a first call, so loading runs one
-warm-up step. Only SGD ships in the runtime: AdamW runs in SDK code over the live tensors.
+FQNs to '0.q.A' keys. `forward` runs the program's forward-only method ("forward_h", named in the
+manifest's `methods`), fed those live tensors. The runtime only exposes its tensors after a first
+call, so loading runs one warm-up step. Only SGD ships in the runtime: AdamW runs in SDK code over
+the live tensors.
 A merged update is written into the .pte in place and the program is reloaded (the LoRA values
 are carried over). Pinned to executorch 1.4.1 (the training API is experimental).
 """
@@ -19,7 +21,6 @@ import torch
 from edge_sdk.runtimes.base import DeviceRuntime, check_inputs, patch_frozen_weights, read_manifest
 
 FORMAT = "pte"
-METHOD = "forward"
 
 
 class ExecuTorchRuntime(DeviceRuntime):
@@ -30,6 +31,9 @@ class ExecuTorchRuntime(DeviceRuntime):
         self.manifest = read_manifest(self.directory, FORMAT, verify_hashes)
         self.artifact = self.manifest["artifacts"][FORMAT]
         self.fqns = self.manifest["lora_fqns"]
+        methods = self.artifact.get("methods") or {"step": "forward"}  # older exports: the joint method only
+        self.step_method, self.forward_method = methods["step"], methods.get("forward")
+        self._order = [t["name"] for t in self.manifest["lora"]]  # the forward method's LoRA inputs
         self._open()
 
     def _open(self) -> None:
@@ -42,8 +46,8 @@ class ExecuTorchRuntime(DeviceRuntime):
             self.module = TrainingModule(_load_for_executorch(str(self.directory / files["program"]),
                                                               str(self.directory / files["lora"])))
         b, t, d = self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"]
-        self.module.forward_backward(METHOD, (torch.zeros(b, t, dtype=torch.long),
-                                              torch.ones(b, t, dtype=torch.long), torch.zeros(b, t, d)))
+        self.module.forward_backward(self.step_method, (torch.zeros(b, t, dtype=torch.long),
+                                                        torch.ones(b, t, dtype=torch.long), torch.zeros(b, t, d)))
         params = self.module.named_parameters()
         missing = set(self.fqns.values()) - set(params)
         if missing:
@@ -54,15 +58,19 @@ class ExecuTorchRuntime(DeviceRuntime):
         input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
         upstream_grad = torch.as_tensor(upstream_grad)
         check_inputs(self.manifest, input_ids, attention_mask, upstream_grad)
-        outs = self.module.forward_backward(METHOD, (input_ids.long(), attention_mask.long(),
-                                                     upstream_grad.detach().float().contiguous()))
+        outs = self.module.forward_backward(self.step_method, (input_ids.long(), attention_mask.long(),
+                                                               upstream_grad.detach().float().contiguous()))
         grads = self.module.named_gradients()
         return outs[1], {key: grads[fqn] for key, fqn in self.fqns.items()}
 
     def forward(self, input_ids, attention_mask):
-        # Joint graph only: a zero upstream gradient gives h (the backward result is discarded).
-        shape = (self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"])
-        return self.step(input_ids, attention_mask, torch.zeros(shape))[0]
+        if self.forward_method is None:  # an export without the forward-only method: the joint one
+            shape = (self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"])
+            return self.step(input_ids, attention_mask, torch.zeros(shape))[0]
+        input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+        check_inputs(self.manifest, input_ids, attention_mask)
+        inputs = (input_ids.long(), attention_mask.long(), *(self._lora[key] for key in self._order))
+        return self.module.model.run_method(self.forward_method, inputs)[0]
 
     def lora_tensors(self):
         return self._lora

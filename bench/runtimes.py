@@ -1,0 +1,262 @@
+"""Benchmark: one split-learning device step per runtime on SmolLM2-135M segments; writes docs/benchmarks.md.
+
+    .venv/bin/python bench/runtimes.py [--splits 2,4,8] [--settings qv8,all16] [--repeats 7] [--threads 1]
+
+For each LoRA setting and split k the device segment is exported to both formats with
+`export.build` (export seconds and file sizes from its manifest), then every runtime runs the
+step the client runs, in one process, interleaved (round-robin repeats, median):
+
+    eager torch   h = segment(ids, mask) keeping activations; h.backward(dL/dh)  (edge_sdk/client.py)
+    onnxruntime   h = rt.forward(ids, mask) (forward-only graph); rt.step(ids, mask, dL/dh) (joint graph)
+    executorch    h = rt.forward(ids, mask) (forward-only method); rt.step(ids, mask, dL/dh) (joint method)
+
+each followed by the SDK's AdamW over the LoRA tensors. dL/dh is random (the server's reply).
+Only the timing runs under the shared lock /tmp/hsplitlora-bench.lock (taken here: do not wrap
+this script in flock(1), the two locks would wait on each other); exports run outside it.
+Raw results go to docs/results/runtimes.json, the tables to the "runtimes" section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import export
+from edge_sdk.runtimes import AdamW
+from edge_sdk.runtimes.executorch_runtime import ExecuTorchRuntime
+from edge_sdk.runtimes.onnx_runtime import OnnxRuntime
+from edge_sdk.runtimes.torch_runtime import TorchRuntime
+from export.joint import lora_parameters
+from export.pipeline import tool_versions
+from hsplitlora.models import load_model
+from hsplitlora.report import table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from methods import replace_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = Path("/tmp/hsplitlora-bench.lock")
+BATCH, SEQ, ALPHA = 4, 128, 16.0
+# qv8: the baselines' adapters (q, v at rank 8). all16: what the planner gives a device with room
+# to spare, rank 16 on every projection of its blocks (docs/method.md §2).
+SETTINGS = {"qv8": "q=8,v=8", "all16": "q=16,k=16,v=16,o=16,gate=16,up=16,down=16"}
+RUNTIMES = ("eager", "onnxruntime", "executorch")
+
+
+@contextmanager
+def bench_lock():
+    """The machine's shared timing lock: no two benchmarks time at once on its 2 cores."""
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def set_threads(n: int) -> None:
+    """Eager torch (and the SDK's AdamW) and ExecuTorch's process-wide threadpool; ORT per session."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    torch.set_num_threads(n)
+    _unsafe_reset_threadpool(n)
+
+
+class EagerStep:
+    """The client's eager path: forward keeping the activations, then backward with dL/dh."""
+
+    def __init__(self, rt: TorchRuntime):
+        self.segment = rt.segment
+        self.params = {key: p for key, (_, p) in lora_parameters(rt.segment).items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def lora_tensors(self):
+        return {k: p.data for k, p in self.params.items()}
+
+    def split_step(self, ids, mask, upstream, opt: AdamW) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        h = self.segment(ids, mask)
+        t1 = time.perf_counter()
+        h.backward(upstream)
+        t2 = time.perf_counter()
+        opt.step(self.lora_tensors(), {k: p.grad for k, p in self.params.items()})
+        for p in self.params.values():
+            p.grad = None
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+class ArtifactStep:
+    """An artifact runtime as the client drives it: forward, then the joint step."""
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def split_step(self, ids, mask, upstream, opt: AdamW) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        self.rt.forward(ids, mask)
+        t1 = time.perf_counter()
+        _, grads = self.rt.step(ids, mask, upstream)
+        t2 = time.perf_counter()
+        opt.step(self.rt.lora_tensors(), grads)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int) -> dict:
+    """Median ms of forward / step / AdamW / the whole split step per runtime, interleaved."""
+    set_threads(threads)
+    eager = TorchRuntime.from_model(load_model(model)[0], split, ranks, ALPHA)
+    steps = {"eager": EagerStep(eager), "onnxruntime": ArtifactStep(OnnxRuntime(directory, threads=threads)),
+             "executorch": ArtifactStep(ExecuTorchRuntime(directory))}
+    start = {k: v.clone() for k, v in eager.lora_tensors().items()}  # apply_lora's fresh adapters
+    steps["onnxruntime"].rt.set_lora_tensors(start)
+    steps["executorch"].rt.set_lora_tensors(start)
+    opts = {name: AdamW(lr=1e-4) for name in steps}
+    gen = torch.Generator().manual_seed(0)
+    hidden = eager.segment.config.hidden_size
+    vocab = eager.segment.config.vocab_size
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    upstream = torch.randn(BATCH, SEQ, hidden, generator=gen) * 1e-3
+    samples = {name: [] for name in steps}
+    for name, s in steps.items():  # warm-up: first calls allocate and pack
+        for _ in range(2):
+            s.split_step(ids, mask, upstream, opts[name])
+    load_before = os.getloadavg()[0]
+    for _ in range(repeats):
+        for name, s in steps.items():
+            samples[name].append(s.split_step(ids, mask, upstream, opts[name]))
+    load_after = os.getloadavg()[0]
+    out = {}
+    for name, rows in samples.items():
+        fwd, step, opt = (statistics.median(col) * 1e3 for col in zip(*rows))
+        total = statistics.median(sum(r) for r in rows) * 1e3
+        out[name] = {"forward_ms": round(fwd, 1), "step_ms": round(step, 1), "adamw_ms": round(opt, 2),
+                     "split_step_ms": round(total, 1), "samples_ms": [round(sum(r) * 1e3, 1) for r in rows]}
+    for row in out.values():
+        row["ratio_to_eager"] = round(row["split_step_ms"] / out["eager"]["split_step_ms"], 2)
+    return {"runtimes": out, "load_average": [round(load_before, 2), round(load_after, 2)]}
+
+
+def run_config(model: str, setting: str, split: int, threads: list[int], repeats: int, work: Path) -> dict:
+    out_dir = work / f"{setting}-k{split}"
+    start = time.perf_counter()
+    manifest = export.build(model, split, SETTINGS[setting], alpha=ALPHA, batch=BATCH, seq=SEQ, formats="both",
+                            out_dir=out_dir)
+    build_seconds = time.perf_counter() - start
+    result = {
+        "setting": setting, "ranks": SETTINGS[setting], "split": split, "lora_tensors": len(manifest.lora),
+        "build_seconds": round(build_seconds, 1),
+        "artifacts": {fmt: {"export_seconds": a.export_seconds, "bytes": a.bytes, "parity": a.parity}
+                      for fmt, a in manifest.artifacts.items()},
+        "timing": {},
+    }
+    with bench_lock():
+        for n in threads:
+            result["timing"][str(n)] = time_runtimes(model, split, SETTINGS[setting], out_dir, n, repeats)
+    print(json.dumps({k: v for k, v in result.items() if k != "artifacts"}, indent=1), flush=True)
+    return result
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def report(results: list[dict], model: str, repeats: int, threads: list[int]) -> str:
+    step_rows, part_rows, art_rows = [], [], []
+    for r in results:
+        for n, t in r["timing"].items():
+            rt = t["runtimes"]
+            ratios = (f"**{rt[x]['ratio_to_eager']:.2f}**" for x in RUNTIMES[1:])
+            step_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['split_step_ms']:.0f}" for x in RUNTIMES),
+                              *ratios, f"{t['load_average'][0]:.1f}-{t['load_average'][1]:.1f}"])
+            part_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['forward_ms']:.0f} + {rt[x]['step_ms']:.0f} + "
+                                                             f"{rt[x]['adamw_ms']:.1f}" for x in RUNTIMES)])
+        onnx, pte = r["artifacts"]["onnx"], r["artifacts"]["pte"]
+        ob, pb = onnx["bytes"], pte["bytes"]
+        art_rows.append([r["setting"], r["split"],
+                         f"{mb(ob['device_segment.onnx'])} + {mb(ob['device_segment_forward.onnx'])} + "
+                         f"{mb(ob['device_segment.onnx.data'])}",
+                         f"{mb(pb['device_segment.pte'])} + {mb(pb['device_segment.ptd'])}",
+                         f"{onnx['export_seconds']:.0f}", f"{pte['export_seconds']:.0f}", f"{r['build_seconds']:.0f}",
+                         f"{max(onnx['parity'].values()):.1e} / {max(pte['parity'].values()):.1e}"])
+    return "\n".join([
+        "## Device runtimes (`bench/runtimes.py`)",
+        "",
+        f"Model {model}, batch {BATCH} x {SEQ} tokens, LoRA alpha {ALPHA:g}; settings `qv8` = `{SETTINGS['qv8']}`, "
+        f"`all16` = rank 16 on all seven projections of every device block (what the planner gives a device "
+        f"with room to spare). One **split-learning device step** as the client runs it: eager torch = the "
+        f"segment's forward keeping activations + `h.backward(dL/dh)`; onnxruntime and ExecuTorch = `forward` "
+        f"(forward-only graph / method) + `step` (joint forward-backward); each + the SDK's AdamW. All runtimes "
+        f"in one process, interleaved, median of {repeats} after 2 warm-up steps, threads "
+        f"{', '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool), under the "
+        f"shared timing lock. "
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs; the load average "
+        f"(1 min) before and after the timing says whether other work shared the cores.",
+        "",
+        table(["setting", "k", "threads", "eager ms", "onnxruntime ms", "ExecuTorch ms", "ORT / eager",
+               "ExecuTorch / eager", "load avg"], step_rows),
+        "",
+        "Where the time goes, ms: forward + step (eager: backward) + AdamW:",
+        "",
+        table(["setting", "k", "threads", "eager", "onnxruntime", "ExecuTorch"], part_rows),
+        "",
+        "Artifacts (MB: onnx joint + forward + weights; pte program + LoRA `.ptd`), export seconds (trace + "
+        "lowering + writing, per format), the whole `export.build` (both formats, model load and verification "
+        "included) and the worst parity error at export (onnx / pte, relative):",
+        "",
+        table(["setting", "k", "onnx MB", "pte MB", "onnx export s", "pte export s", "build s", "parity"], art_rows),
+        "",
+        "Raw results: `docs/results/runtimes.json`.",
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--splits", default="2,4,8", help="device blocks k, comma-separated")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"LoRA settings from {sorted(SETTINGS)}")
+    p.add_argument("--repeats", type=int, default=7, help="timed split steps per runtime (after 2 warm-up)")
+    p.add_argument("--threads", default="1", help="thread counts to time, comma-separated (e.g. 1,2)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "runtimes.json")
+    p.add_argument("--no-doc", action="store_true", help="write the JSON only, not docs/benchmarks.md")
+    args = p.parse_args()
+    settings = args.settings.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        p.error(f"unknown settings {sorted(unknown)}; choose from {sorted(SETTINGS)}")
+    splits = [int(k) for k in args.splits.split(",")]
+    threads = [int(n) for n in args.threads.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
+        for setting in settings:
+            for k in splits:
+                results.append(run_config(args.model, setting, k, threads, args.repeats, Path(work)))
+                # Artifacts of a config are not needed after its timing (up to ~0.5 GB each).
+                for f in (Path(work) / f"{setting}-k{k}").iterdir():
+                    f.unlink()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "model": args.model, "batch": BATCH, "seq": SEQ, "alpha": ALPHA, "repeats": args.repeats,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+        "tools": tool_versions(), "results": results}, indent=1) + "\n")
+    body = report(results, args.model, args.repeats, threads)
+    if not args.no_doc:
+        replace_section(ROOT / "docs" / "benchmarks.md", "runtimes", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
