@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-methods bench-network bench-runtimes clean
+.PHONY: demo test install bench-methods bench-network bench-runtimes bench-calibration clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-network: $(STAMP)
 # k = 2, 4, 8 (about 30 minutes, most of it exports); times under /tmp/hsplitlora-bench.lock.
 bench-runtimes: $(STAMP)
 	$(BIN)/python bench/runtimes.py
+
+# The calibrated cost model against real client processes on SmolLM2-135M (about 3 minutes).
+bench-calibration: $(STAMP)
+	flock /tmp/hsplitlora-bench.lock $(BIN)/python bench/calibration.py
 
 clean:
 	rm -rf $(VENV)

@@ -29,8 +29,18 @@ def add_parser(sub) -> None:
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--data", type=Path, required=True, help="JSONL of {\"prompt\", \"completion\"} or an E2E directory")
     p.add_argument("--token", help="resume as the client holding this token (printed at first registration)")
-    p.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("2GB"),
-                   help="memory this device may use for training (default: 2GB)")
+    p.add_argument("--memory-budget", type=parse_bytes,
+                   help="memory this device gives training: with --profile, the peak resident memory of this whole "
+                        "process (default: the profile's share of the free memory); without, the training memory "
+                        "of the cost model (default: 2GB)")
+    p.add_argument("--profile", metavar="FILE|auto",
+                   help="plan from this device's measurements: a JSON written by `hsplitlora profile`, or 'auto' to "
+                        "measure now against the server (about 15 s on SmolLM2-135M)")
+    p.add_argument("--step-time-budget", type=float, metavar="SECONDS",
+                   help="longest device step (forward, transfers, backward) this device accepts; needs --profile")
+    p.add_argument("--memory-cap", type=parse_bytes,
+                   help="a hard cap on this process's memory, enforced by the kernel (setrlimit RLIMIT_DATA): an "
+                        "allocation beyond it fails. Set before profiling, so the profile sees it")
     p.add_argument("--relative-speed", type=float, help="this device's compute relative to the weakest (optional)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to take part in (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads on this device (default: torch's choice)")
@@ -52,24 +62,39 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edge_sdk.client import Client
+    from edge_sdk.client import Client, ServerError
+    from edge_sdk.fit import PlanDoesNotFit
     from hsplitlora.data import load_examples
 
+    if args.memory_cap:
+        cap_memory(int(args.memory_cap))
     if args.threads:
         torch.set_num_threads(args.threads)
     context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
-    client = Client(args.server, load_examples(args.data), args.memory_budget,
-                    relative_speed=args.relative_speed, token=args.token, ssl=context, runtime=args.runtime,
-                    artifact_dir=args.artifact_dir, threads=args.threads)
-    plan = client.register()
-    inner = client.inner
     emit = _json_progress if args.progress_json else None
+    profile = _device_profile(args, context, emit)
+    memory = args.memory_budget if args.memory_budget or profile else parse_bytes("2GB")
+    client = Client(args.server, load_examples(args.data), memory, profile=profile,
+                    step_time_budget=args.step_time_budget, relative_speed=args.relative_speed, token=args.token,
+                    ssl=context, runtime=args.runtime, artifact_dir=args.artifact_dir, threads=args.threads)
+    try:
+        plan = client.register()
+    except (PlanDoesNotFit, ServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    inner = client.inner
+    predicted = plan.predicted_step
     if emit:
         emit({"event": "registered", "client": inner.client_id, "split": plan.split,
-              "device_adapters": len(plan.ranks), "token": inner.token, "runtime": inner.runtime_name})
+              "device_adapters": len(plan.ranks), "token": inner.token, "runtime": inner.runtime_name,
+              "predicted_step_s": predicted and predicted.seconds,
+              "predicted_peak_rss_bytes": predicted and predicted.peak_rss_bytes})
     else:
         print(f"registered as {inner.client_id} (token {inner.token}); split {plan.split}, "
               f"{len(plan.ranks)} device adapters; runtime {inner.runtime_name}")
+        if predicted:
+            print(f"predicted from this device's profile: {predicted.seconds:.2f} s per step, peak "
+                  f"{predicted.peak_rss_bytes / 2**20:.0f} MiB resident")
     steps = inner.settings["local_steps"]
     bar = None if emit else tqdm(total=args.rounds * steps, desc=inner.client_id, unit="step")
 
@@ -80,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(round=round_number, loss=f"{loss:.3f}")
 
-    reports = client.run(args.rounds, progress)
+    try:
+        reports = client.run(args.rounds, progress)
+    except PlanDoesNotFit as e:  # a re-plan this device cannot take
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if bar:
         bar.close()
     for r in reports:
@@ -91,6 +120,38 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         client.save(args.save)
     return 0
+
+
+def cap_memory(limit: int) -> None:
+    """Cap this process's data memory (heap and anonymous mappings) at `limit` bytes, for real:
+    past it, allocations fail (torch raises). `edge_sdk.profile.available_memory` honours it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and limit > hard:
+        raise ValueError(f"--memory-cap {limit} is above this process's hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def _device_profile(args: argparse.Namespace, ssl_context, emit) -> dict | None:
+    """--profile: read a profile file, or measure this device now for the server's model and batch."""
+    if not args.profile:
+        return None
+    from edge_sdk.profile import DeviceProfile, profile_device
+
+    if args.profile != "auto":
+        return DeviceProfile.load(args.profile).to_dict()
+    import urllib.request
+
+    with urllib.request.urlopen(args.server.rstrip("/") + "/v1/settings", timeout=30, context=ssl_context) as r:
+        settings = json.loads(r.read())
+    profile = profile_device(settings["model"], settings["batch_size"], settings["max_len"], args.server,
+                             args.threads, ssl=ssl_context)
+    if emit:
+        emit({"event": "profiled", "profile": profile.to_dict()})
+    else:
+        print(profile.summary())
+    return profile.to_dict()
 
 
 def _json_progress(obj: dict) -> None:

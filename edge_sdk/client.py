@@ -5,6 +5,12 @@
     client.run(rounds=3)                      # blocking facade; AsyncClient underneath
     client.save("my-device-state")
 
+A device that measured itself (`hsplitlora profile`, `edge_sdk.profile.profile_device`) passes
+`profile=` instead of, or besides, a memory budget (default: the share of free memory the profile
+offers), and may give `step_time_budget=` seconds; the server then plans by what those
+measurements predict. Every plan the client is given is checked against its budget first
+(`edge_sdk.fit`): one that does not fit raises `PlanDoesNotFit` before any training.
+
 The device segment runs in eager PyTorch (`runtime="torch"`, the default) or as an exported
 artifact the server builds for the device's plan (`runtime="onnxruntime"` or `"executorch"`,
 docs/export.md): downloaded once per plan (resumable, checked by sha256), brought up to date by
@@ -30,12 +36,14 @@ from typing import Callable, Sequence
 import aiohttp
 import torch
 
+from edge_sdk.fit import DeviceBudget, PlanDoesNotFit, plan_problem
 from edge_sdk.runtimes import FORMAT_OF, AdamW, DeviceRuntime, choose_runtime, dense_updates, fresh_lora, open_runtime
 from edge_sdk.runtimes.base import MANIFEST, sha256_file
+from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.data import Example, endless_batches, pad_batch
 from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import Target, apply_lora, install_adapters, lora_layer
-from hsplitlora.models import cache_dir, load_model, load_tokenizer
+from hsplitlora.models import cache_dir, load_model, load_tokenizer, resolve_model_dir
 from hsplitlora.planner import Plan
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
@@ -68,12 +76,17 @@ class RoundReport:
 class AsyncClient:
     """Register with a server, train rounds of split steps, apply the merged updates."""
 
-    def __init__(self, server: str, examples: Sequence[Example], memory_budget: float, *,
+    def __init__(self, server: str, examples: Sequence[Example], memory_budget: float | None = None, *,
+                 profile: dict | None = None, step_time_budget: float | None = None,
                  relative_speed: float | None = None, token: str | None = None, retries: int = 6,
                  backoff_s: float = 0.5, poll_s: float = 0.5, ssl=None, runtime: str = "torch",
                  artifact_dir: str | Path | None = None, threads: int | None = None):
         if not examples:
             raise ValueError("a client needs at least one training example")
+        if memory_budget is None and profile is None:
+            raise ValueError("give a memory budget, a device profile (`hsplitlora profile`), or both")
+        memory = memory_budget if memory_budget is not None else float(profile["memory_bytes"])
+        self.budget = DeviceBudget(memory, step_time_budget, profile)
         # "auto" picks the first installed of onnxruntime, torch, executorch.
         self.runtime_name = choose_runtime(None if runtime == "auto" else runtime)
         self.artifact_dir = Path(artifact_dir) if artifact_dir else cache_dir() / "artifacts"
@@ -84,7 +97,7 @@ class AsyncClient:
         self.start: dict[str, torch.Tensor] = {}  # non-merging methods: where the next round's adapters start
         self.server = server.rstrip("/")
         self.examples = list(examples)
-        self.profile = {"memory_bytes": float(memory_budget)}
+        self.profile = self.budget.registration()
         if relative_speed:
             self.profile["relative_speed"] = float(relative_speed)
         self.token = token
@@ -96,6 +109,7 @@ class AsyncClient:
         self.plan: Plan | None = None
         self.settings: dict = {}
         self.model = self.tokenizer = None
+        self.dims: ModelDims | None = None
         self.base: dict[Target, torch.Tensor] = {}
 
     # ----- HTTP with retries -------------------------------------------------------------------
@@ -143,6 +157,7 @@ class AsyncClient:
         self.client_id, self.number, self.round = reply["client_id"], reply["number"], reply["round"]
         self.token = reply.get("token", self.token)
         self.plan, self.settings = Plan.from_dict(reply["plan"]), reply["settings"]
+        self._check_plan(self.plan)
         s = self.settings
         if self.runtime_name == "torch":
             self.model, self.tokenizer = load_model(s["model"])
@@ -159,6 +174,26 @@ class AsyncClient:
         log.info("client %s: round %d, split %d, %d device adapters, runtime %s", self.client_id, self.round,
                  self.plan.split, len(self.plan.ranks), self.runtime_name)
         return self.plan
+
+    def _check_plan(self, plan: Plan) -> None:
+        """Refuse (PlanDoesNotFit) a plan over this device's budget, before anything is loaded for it."""
+        s = self.settings
+        if self.dims is None:
+            from transformers import AutoConfig
+
+            self.dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(s["model"])))
+        available = None
+        if self.budget.profile is not None:
+            from edge_sdk.profile import available_memory, process_memory
+
+            try:  # what this process could reach now: what it holds and what the system has free
+                available = available_memory() + process_memory()["VmRSS"]
+            except (OSError, RuntimeError, KeyError):
+                available = None  # no /proc here: the budget check still holds
+        problem = plan_problem(plan, self.budget, self.dims, StepShape(s["batch_size"], s["max_len"]), s["wire"],
+                               available)
+        if problem:
+            raise PlanDoesNotFit(f"client {self.client_id} refuses its plan: {problem}")
 
     async def _load_artifact(self) -> None:
         """Fetch the artifact of the current plan, merge the run's deltas so far into it, open it."""
@@ -230,6 +265,8 @@ class AsyncClient:
             await asyncio.sleep(self.poll_s)
         down += len(reply)
         new_plan = Plan.from_dict(json.loads(headers["X-Plan"]))
+        if new_plan != self.plan:
+            self._check_plan(new_plan)
         update = decode(reply, None, MAX_REPLY_BYTES)
         report = RoundReport(self.round, losses, time.perf_counter() - start, up, down, self.plan.split)
         old_plan, self.plan, self.round = self.plan, new_plan, int(headers["X-Round"])

@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_arguments(exp)
     exp.set_defaults(func=export_cli.run)
 
+    from edge_sdk import profile as profile_cli
+
+    prof = sub.add_parser("profile", help="measure this device (FLOP/s, memory, per-block time, link) for planning",
+                          description=profile_cli.DESCRIPTION)
+    profile_cli.add_arguments(prof)
+    prof.set_defaults(func=profile_cli.run)
+
     demo = sub.add_parser(
         "demo", help="a server and several heterogeneous client processes on 127.0.0.1, end to end",
         description="Start `hsplitlora server` and K `hsplitlora client` processes with heterogeneous memory "

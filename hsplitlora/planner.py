@@ -1,6 +1,6 @@
 """Adaptive rank and split configuration (design §3.3; method notes §3.2, "our formulation").
 
-For one device with a memory budget (and optionally a FLOPs budget per step), choose the split
+For one device with a memory budget (and optionally a FLOPs or step-time budget), choose the split
 point s (blocks[0:s] run on the device) and a LoRA rank r in {0} U Q for every candidate weight
 of those blocks, maximising  sum_W I(W) * phi(r_W),  phi(r) = log2(1 + r),  within the budget.
 
@@ -14,7 +14,10 @@ of those blocks, maximising  sum_W I(W) * phi(r_W),  phi(r) = log2(1 + r),  with
 3. Stability: `should_replan` says when a new plan is worth the disruption of switching.
 
 Everything is exact integer byte and FLOP arithmetic from hsplitlora.cost, so a returned plan
-never exceeds its budget. More memory never gives a shallower split; it can, rarely, give a
+never exceeds its budget. A device that measured itself (`hsplitlora profile`) is planned by what
+its measurements predict instead (`hsplitlora.predict`): its memory budget then bounds the peak
+resident memory of its whole process and a step-time budget the seconds of one split step, and
+every candidate plan is checked by its full prediction, so that too never exceeds the budget. More memory never gives a shallower split; it can, rarely, give a
 slightly lower objective, when the deeper split it allows leaves less room for adapters than
 the shallower one had (seen only at a few tokens per step, where adapters rival a block's cost).
 """
@@ -35,6 +38,7 @@ from hsplitlora.cost import (
     device_memory,
 )
 from hsplitlora.lora import Target
+from hsplitlora.predict import DeviceRates, StepPrediction, predict_step
 
 
 class PlanError(ValueError):
@@ -43,10 +47,16 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """What one device can spend on a training step: bytes of memory, optionally FLOPs."""
+    """What one device can spend on a training step: bytes of memory, optionally FLOPs and seconds.
+
+    `memory_bytes` bounds the analytic training memory (`cost.device_memory`), or, for a device
+    planned from its measurements, its process's predicted peak RSS. `step_seconds` needs those
+    measurements: seconds cannot be predicted from FLOPs without a measured rate.
+    """
 
     memory_bytes: float
     flops_per_step: float | None = None
+    step_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,25 +93,31 @@ class Plan:
     predicted_memory: MemoryBreakdown
     predicted_flops: float
     objective: float
+    predicted_step: StepPrediction | None = None  # for a device planned from its measurements
 
     def to_dict(self) -> dict:
         """JSON-safe form; targets are written as '<layer>.<proj>', e.g. '3.q'."""
-        return {
+        out = {
             "split": self.split,
             "ranks": {str(t): r for t, r in sorted(self.ranks.items())},
             "predicted_memory": self.predicted_memory.to_dict(),
             "predicted_flops": self.predicted_flops,
             "objective": self.objective,
         }
+        if self.predicted_step is not None:
+            out["predicted_step"] = self.predicted_step.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        step = data.get("predicted_step")
         return cls(
             split=int(data["split"]),
             ranks={Target.parse(t): int(r) for t, r in data["ranks"].items()},
             predicted_memory=MemoryBreakdown.from_dict(data["predicted_memory"]),
             predicted_flops=float(data["predicted_flops"]),
             objective=float(data["objective"]),
+            predicted_step=StepPrediction.from_dict(step) if step else None,
         )
 
 
@@ -140,6 +156,31 @@ def _within(budget: Budget, memory: float, flops: float, share: float = 1.0) -> 
     return budget.flops_per_step is None or flops <= share * budget.flops_per_step
 
 
+@dataclass(frozen=True)
+class MeasuredDevice:
+    """A device planned from its measurements: its rates and the wire's bytes per activation."""
+
+    rates: DeviceRates
+    wire_bytes: int = 2
+
+    def predict(self, dims: ModelDims, split: int, ranks: dict[Target, int], shape: StepShape,
+                cfg: PlannerConfig) -> StepPrediction:
+        return predict_step(self.rates, dims, split, ranks, shape, self.wire_bytes, cfg.bytes_per_param)
+
+    def fits(self, budget: Budget, dims: ModelDims, split: int, ranks: dict[Target, int], shape: StepShape,
+             cfg: PlannerConfig, share: float = 1.0) -> bool:
+        """Whether the predicted step seconds, FLOPs and peak RSS fit `share` of the budget; of the
+        memory, `share` is of what the budget leaves beyond the runtime's baseline, which the
+        process holds whatever the plan (a reserve is for what training adds)."""
+        pred = self.predict(dims, split, ranks, shape, cfg)
+        if budget.step_seconds is not None and pred.seconds > share * budget.step_seconds:
+            return False
+        if budget.flops_per_step is not None and device_flops(dims, split, ranks, shape) > share * budget.flops_per_step:
+            return False
+        base = pred.baseline_bytes
+        return pred.peak_rss_bytes - base <= share * (budget.memory_bytes - base)
+
+
 def _block_mass(dims: ModelDims, importance: dict[Target, float], projs: tuple[str, ...]) -> list[float]:
     mass = [0.0] * dims.layers
     for t, score in importance.items():
@@ -150,16 +191,27 @@ def _block_mass(dims: ModelDims, importance: dict[Target, float], projs: tuple[s
 
 
 def choose_split(dims: ModelDims, importance: dict[Target, float], budget: Budget, shape: StepShape,
-                 cfg: PlannerConfig, compute_share: float | None = None) -> int:
+                 cfg: PlannerConfig, compute_share: float | None = None, device: MeasuredDevice | None = None) -> int:
     """Step 1: the deepest split whose rank-0 cost fits (1 - reserve) of the budget, then the cap."""
     if dims.layers < 2:
         raise PlanError(f"a model of {dims.layers} block(s) cannot be split")
 
     def fits(s: int) -> bool:
+        if device is not None:
+            return device.fits(budget, dims, s, {}, shape, cfg, 1 - cfg.reserve)
         memory = device_memory(dims, s, {}, shape, cfg.bytes_per_param).total
         return _within(budget, memory, device_flops(dims, s, {}, shape), 1 - cfg.reserve)
 
     if not fits(1):
+        if device is not None:
+            pred = device.predict(dims, 1, {}, shape, cfg)
+            seconds = "" if budget.step_seconds is None else (
+                f" and {pred.seconds:.3g} s per step (budget {budget.step_seconds:.3g} s)")
+            raise PlanError(
+                f"budget too small for even one block on this device at batch {shape.batch} x seq {shape.seq}: "
+                f"its measurements predict a peak of {pred.peak_rss_bytes / 2**20:.0f} MiB resident "
+                f"(budget {budget.memory_bytes / 2**20:.0f} MiB, of which {pred.baseline_bytes / 2**20:.0f} MiB "
+                f"is the runtime's baseline){seconds}; {cfg.reserve:.0%} of the rest is kept in reserve")
         need = minimum_budget(dims, shape, cfg)
         flops = "" if budget.flops_per_step is None else (
             f" and {need.flops_per_step:.3g} FLOPs per step (budget {budget.flops_per_step:.3g})")
@@ -181,8 +233,12 @@ def choose_split(dims: ModelDims, importance: dict[Target, float], budget: Budge
 
 
 def _greedy_ranks(dims: ModelDims, importance: dict[Target, float], budget: Budget, shape: StepShape,
-                  cfg: PlannerConfig, split: int) -> dict[Target, int]:
-    """Step 2: raise ranks one level at a time, best importance gain per added byte first."""
+                  cfg: PlannerConfig, split: int, device: MeasuredDevice | None = None) -> dict[Target, int]:
+    """Step 2: raise ranks one level at a time, best importance gain per added byte first.
+
+    The analytic budget is tracked by exact increments; a measured device's prediction is not
+    additive (inputs shared by adapters, the allocator's factor), so each step is re-predicted.
+    """
     levels = (0, *cfg.rank_set)
     bpp = cfg.bytes_per_param
     memory = device_memory(dims, split, {}, shape, bpp).total
@@ -200,7 +256,12 @@ def _greedy_ranks(dims: ModelDims, importance: dict[Target, float], budget: Budg
     heapq.heapify(heap)
     while heap:
         _, t, d_mem, d_flops = heapq.heappop(heap)
-        if not _within(budget, memory + d_mem, flops + d_flops):
+        if device is not None:
+            ranks = {u: levels[i] for u, i in level.items() if i > 0} | {t: levels[level[t] + 1]}
+            fits = device.fits(budget, dims, split, ranks, shape, cfg)
+        else:
+            fits = _within(budget, memory + d_mem, flops + d_flops)
+        if not fits:
             # Later steps of this weight cost more and the totals only grow: drop it, try the rest.
             continue
         memory, flops, level[t] = memory + d_mem, flops + d_flops, level[t] + 1
@@ -210,22 +271,29 @@ def _greedy_ranks(dims: ModelDims, importance: dict[Target, float], budget: Budg
 
 
 def plan_device(dims: ModelDims, importance: dict[Target, float], budget: Budget, shape: StepShape,
-                cfg: PlannerConfig | None = None, compute_share: float | None = None) -> Plan:
+                cfg: PlannerConfig | None = None, compute_share: float | None = None,
+                device: MeasuredDevice | None = None) -> Plan:
     """The device's split and ranks for this budget (module docstring); raises PlanError if none fits.
 
     `importance` scores targets of any block (missing = 0); `compute_share` is the device's share
-    of the total compute of the clients and the server, if the split should be capped by it.
+    of the total compute of the clients and the server, if the split should be capped by it;
+    `device`, a device's measurements, to plan by predicted peak RSS and step seconds.
     """
     cfg = cfg or PlannerConfig()
-    split = choose_split(dims, importance, budget, shape, cfg, compute_share)
-    ranks = _greedy_ranks(dims, importance, budget, shape, cfg, split)
+    if budget.step_seconds is not None and device is None:
+        raise PlanError("a step-time budget needs the device's measurements (`hsplitlora profile`) to predict "
+                        "seconds; without them only memory and FLOPs can be budgeted")
+    split = choose_split(dims, importance, budget, shape, cfg, compute_share, device)
+    ranks = _greedy_ranks(dims, importance, budget, shape, cfg, split, device)
     memory = device_memory(dims, split, ranks, shape, cfg.bytes_per_param)
     flops = device_flops(dims, split, ranks, shape)
-    # The greedy adds the same integer terms device_memory sums, so this holds exactly; keep the
-    # check anyway: a plan over budget would crash a device mid-round.
-    if not _within(budget, memory.total, flops):
+    # The greedy adds the same integer terms device_memory sums (or re-predicts every step), so
+    # this holds exactly; keep the check anyway: a plan over budget would crash a device mid-round.
+    fits = device.fits(budget, dims, split, ranks, shape, cfg) if device else _within(budget, memory.total, flops)
+    if not fits:
         raise AssertionError(f"planner bug: plan exceeds its budget ({memory}, {flops} FLOPs, {budget})")
-    return Plan(split, ranks, memory, flops, objective(ranks, importance))
+    predicted = device.predict(dims, split, ranks, shape, cfg) if device else None
+    return Plan(split, ranks, memory, flops, objective(ranks, importance), predicted)
 
 
 def jaccard(a: set, b: set) -> float:

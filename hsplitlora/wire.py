@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 WIRE_FORMATS = ("fp16", "fp32", "int8")
+BYTES_PER_ELEMENT = {"fp16": 2, "fp32": 4, "int8": 1}  # of an activation (int8's per-token scales aside)
 _SCALE_SUFFIX = ".scale"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

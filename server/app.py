@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import os
 import time
 
 import torch
@@ -22,11 +24,12 @@ from hsplitlora.wire import TensorSpec, WireError, decode, encode
 from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
 from server.store import Store
-from server.trainer import ServerTrainer, server_snapshot
+from server.trainer import ServerTrainer, measured_device, server_snapshot
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-PUBLIC = {"/healthz", "/v1/register", "/v1/status"}
+# A device reads the settings and probes its link before it registers (`hsplitlora profile`).
+PUBLIC = {"/healthz", "/v1/register", "/v1/status", "/v1/probe", "/v1/settings"}
 STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
 CLIENT: web.RequestKey[str] = web.RequestKey("client", str)
 WATCH: web.AppKey[asyncio.Task] = web.AppKey("watch", asyncio.Task)
@@ -108,6 +111,48 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def settings(request: web.Request) -> web.Response:
+    """The run's settings (model, batch, sequence length, wire...): what a device profiles itself for."""
+    return web.json_response(request.app[STATE].cfg.client_settings())
+
+
+async def probe_download(request: web.Request) -> web.Response:
+    """`bytes` random bytes, for a device measuring its download bandwidth (edge_sdk.profile).
+
+    Capped at the request limit: a probe costs the server no more than a step does.
+    """
+    state: ServerState = request.app[STATE]
+    size = _int_query(request, "bytes")
+    if not 0 <= size <= state.limit:
+        return error(400, f"bytes must be in [0, {state.limit}]")
+    return web.Response(body=os.urandom(size), content_type="application/octet-stream")
+
+
+async def probe_upload(request: web.Request) -> web.Response:
+    """Read and discard the body (at most the request limit); answer its size."""
+    return web.json_response({"bytes": len(await request.read())})
+
+
+def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
+    """What is wrong with a registration profile, or None: budgets must be finite and positive, and
+    a measured profile must be of this server's model (its per-block times are the model's)."""
+    for key in ("memory_bytes", "flops_per_step", "step_seconds", "relative_speed"):
+        value = profile.get(key)
+        if value is None and key != "memory_bytes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            return f"profile.{key} must be a finite number > 0, got {value!r}"
+    measured_model = profile.get("model")
+    if measured_model is not None and measured_model != cfg.model:
+        return (f"the profile was measured on model {measured_model!r}; this server trains {cfg.model!r}: "
+                f"run `hsplitlora profile --model {cfg.model}`")
+    try:
+        measured_device(profile, cfg.wire)
+    except (ValueError, TypeError, AttributeError) as e:
+        return str(e)
+    return None
+
+
 async def register(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     try:
@@ -118,6 +163,9 @@ async def register(request: web.Request) -> web.Response:
         return error(400, 'expected JSON {"profile": {"memory_bytes": N, ...}, "examples": N}')
     if examples < 1 or not memory > 0:
         return error(400, "examples must be >= 1 and profile.memory_bytes > 0")
+    problem = profile_problem(profile, state.cfg)
+    if problem:
+        return error(400, problem)
     try:
         plan = await state.run_model(state.trainer.plan_for, profile)
     except PlanError as e:
@@ -274,13 +322,20 @@ async def status(request: web.Request) -> web.Response:
         "round": state.round,
         "completed_rounds": state.store.completed_rounds(),
         "uploaded": len(state.store.uploads(state.round)),
-        "clients": [
-            {"id": c.id, "budget_mb": c.budget.memory_bytes / 2**20, "split": c.plan.split,
-             "device_adapters": len(c.plan.ranks),
-             "predicted_memory_mb": c.plan.predicted_memory.total / 2**20, "loss": losses.get(c.id)}
-            for c in state.trainer.clients.values()
-        ],
+        "clients": [_client_status(c, losses.get(c.id)) for c in state.trainer.clients.values()],
     })
+
+
+def _client_status(client, loss: float | None) -> dict:
+    plan, step = client.plan, client.plan.predicted_step
+    out = {"id": client.id, "budget_mb": client.budget.memory_bytes / 2**20, "split": plan.split,
+           "device_adapters": len(plan.ranks), "predicted_memory_mb": plan.predicted_memory.total / 2**20,
+           "loss": loss, "measured": client.device is not None}
+    if client.budget.step_seconds is not None:
+        out["step_seconds_budget"] = client.budget.step_seconds
+    if step is not None:  # planned from its measurements: the whole process's peak, one step's seconds
+        out |= {"predicted_peak_rss_mb": step.peak_rss_bytes / 2**20, "predicted_step_s": step.seconds}
+    return out
 
 
 def make_app(cfg: ServerConfig) -> web.Application:
@@ -289,6 +344,9 @@ def make_app(cfg: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=state.limit)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/settings", settings)
+    app.router.add_get("/v1/probe", probe_download)
+    app.router.add_post("/v1/probe", probe_upload)
     app.router.add_post("/v1/register", register)
     app.router.add_post("/v1/steps", step)
     app.router.add_put("/v1/rounds/{round:\\d+}/adapters", upload_adapters)

@@ -26,9 +26,19 @@ from hsplitlora.importance import (
 )
 from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import load_model
-from hsplitlora.planner import Budget, Plan, plan_device, server_ranks, should_replan, uniform_importance
+from hsplitlora.planner import (
+    Budget,
+    MeasuredDevice,
+    Plan,
+    plan_device,
+    server_ranks,
+    should_replan,
+    uniform_importance,
+)
+from hsplitlora.predict import DeviceRates
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
+from hsplitlora.wire import BYTES_PER_ELEMENT
 from server.config import ServerConfig
 from server.store import ClientRecord, Store
 
@@ -61,8 +71,16 @@ def server_snapshot(round_number: int, client_id: str) -> str:
 
 
 def budget_of(profile: dict) -> Budget:
-    """The budget a device declared in its profile."""
-    return Budget(float(profile["memory_bytes"]), profile.get("flops_per_step"))
+    """The budget a device gave in its profile (memory; optionally FLOPs and seconds per step)."""
+    return Budget(float(profile["memory_bytes"]), profile.get("flops_per_step"), profile.get("step_seconds"))
+
+
+def measured_device(profile: dict, wire: str) -> MeasuredDevice | None:
+    """A profile written by `hsplitlora profile` (it has flops_fp32) is planned by its predictions;
+    a declared one (memory, FLOPs) by the analytic counts. Raises ValueError for a malformed one."""
+    if profile.get("flops_fp32") is None:
+        return None
+    return MeasuredDevice(DeviceRates.from_profile(profile), BYTES_PER_ELEMENT[wire])
 
 
 @dataclass
@@ -75,6 +93,7 @@ class ServerClient:
     budget: Budget
     speed: float | None
     plan: Plan
+    device: MeasuredDevice | None = None  # its measurements, when it profiled itself
     factors: dict[Target, LoRAFactors] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     scores: dict[Target, float] = field(default_factory=dict)
@@ -119,24 +138,25 @@ class ServerTrainer:
                 self.restore_server_state(client_id, saved)
 
     # ----- clients and plans -------------------------------------------------------------------
-    def _plan(self, budget: Budget, speed: float | None) -> Plan:
+    def _plan(self, budget: Budget, speed: float | None, device: MeasuredDevice | None) -> Plan:
         # A device given a relative speed takes at most its share of its pipeline's compute, the
         # server counting as two of the weakest devices per client (as in the simulation).
         share = speed / (speed + 2.0) if speed else None
-        return plan_device(self.dims, self.importance, budget, self.shape, self.cfg.planner, share)
+        return plan_device(self.dims, self.importance, budget, self.shape, self.cfg.planner, share, device)
 
     def _adopt(self, record: ClientRecord, plan: Plan) -> ServerClient:
         profile = record.profile
         client = ServerClient(record.id, record.number, record.examples, budget_of(profile),
-                              profile.get("relative_speed"), plan)
+                              profile.get("relative_speed"), plan, measured_device(profile, self.cfg.wire))
         self.clients[record.id] = client
         self._fresh_adapters(client, self.store.current_round())
         return client
 
     def plan_for(self, profile: dict) -> Plan:
         """The plan a device with this profile would get now (raises PlanError if none fits)."""
+        device = measured_device(profile, self.cfg.wire)
         with self.lock:
-            return self._plan(budget_of(profile), profile.get("relative_speed"))
+            return self._plan(budget_of(profile), profile.get("relative_speed"), device)
 
     def add_client(self, record: ClientRecord, plan: Plan) -> None:
         with self.lock:
@@ -243,7 +263,7 @@ class ServerTrainer:
             for client in self.clients.values():
                 if self.merging:
                     old_split = client.plan.split
-                    new = self._plan(client.budget, client.speed)
+                    new = self._plan(client.budget, client.speed, client.device)
                     if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
                         client.plan = new
                     replies[client.id] = self._update_payload(merged, old_split, client.plan.split)

@@ -19,6 +19,7 @@ from hsplitlora.lora import Target, apply_lora, lora_layer
 from hsplitlora.models import load_model
 from hsplitlora.planner import (
     Budget,
+    MeasuredDevice,
     Plan,
     PlanError,
     PlannerConfig,
@@ -29,6 +30,7 @@ from hsplitlora.planner import (
     should_replan,
     uniform_importance,
 )
+from hsplitlora.predict import DeviceRates, predict_step
 from hsplitlora.split import split_model
 
 GIB = 2**30
@@ -289,3 +291,42 @@ def test_smollm2_plans_are_sensible():
     assert 10 <= one_gib.split <= 25, report
     assert plans[0.5].split < one_gib.split < plans[2].split, report
     assert one_gib.predicted_memory.buffers == 2 * 4 * 128 * 576 * 4, report
+
+
+# A device that measured itself (numbers of the same order as `hsplitlora profile` gives for
+# SmolLM2-135M at batch 4 x 128 on one CPU thread; docs/benchmarks.md).
+MEASURED = DeviceRates(
+    flops_fp32=6e10, seconds_per_block=0.1, seconds_per_adapted_block=0.12, saved_bytes_frozen_block=15_030_272,
+    saved_bytes_per_adapter={"q": 1179648, "k": 1179648, "v": 1179648, "o": 0, "gate": 1179648, "up": 1179648,
+                             "down": 3145728},
+    profiled_tokens=512, baseline_rss_bytes=480 * 2**20, allocator_overhead=1.7, upload_bytes_per_s=8e8,
+    download_bytes_per_s=2.5e8, rtt_s=5e-4)
+
+
+@pytest.mark.parametrize("memory_mib,step_s", [(700, None), (1000, None), (4000, 0.5), (4000, 1.2), (900, 2.0)])
+def test_a_measured_device_is_planned_within_its_predicted_rss_and_step_time(memory_mib, step_s):
+    dims, shape = dims_of("smollm2"), StepShape(4, 128)
+    device, importance = MeasuredDevice(MEASURED), uniform_importance(dims)
+    budget = Budget(memory_mib * 2**20, step_seconds=step_s)
+    plan = plan_device(dims, importance, budget, shape, device=device)
+    pred = predict_step(MEASURED, dims, plan.split, plan.ranks, shape)
+    assert plan.predicted_step == pred and pred.peak_rss_bytes <= budget.memory_bytes
+    assert step_s is None or pred.seconds <= step_s
+    # The split is the deepest whose rank-0 prediction fits the budget less the reserve.
+    reserve = 1 - PlannerConfig().reserve
+    deeper = predict_step(MEASURED, dims, plan.split + 1, {}, shape)
+    base = MEASURED.baseline_rss_bytes  # the reserve is of what the budget leaves beyond the baseline
+    assert (deeper.peak_rss_bytes - base > reserve * (budget.memory_bytes - base)
+            or (step_s and deeper.seconds > reserve * step_s))
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_step_time_budget_needs_measurements_and_too_small_a_budget_says_why():
+    dims, shape = dims_of("smollm2"), StepShape(4, 128)
+    with pytest.raises(PlanError, match="needs the device's measurements"):
+        plan_device(dims, uniform_importance(dims), Budget(GIB, step_seconds=1.0), shape)
+    with pytest.raises(PlanError, match=r"s per step \(budget 0\.05 s\)"):
+        plan_device(dims, uniform_importance(dims), Budget(GIB, step_seconds=0.05), shape,
+                    device=MeasuredDevice(MEASURED))
+    with pytest.raises(ValueError, match="allocator_overhead"):
+        DeviceRates(flops_fp32=1e9, allocator_overhead=0.5)
