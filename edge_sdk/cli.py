@@ -38,9 +38,6 @@ def add_parser(sub) -> None:
                         "measure now against the server (about 15 s on SmolLM2-135M)")
     p.add_argument("--step-time-budget", type=float, metavar="SECONDS",
                    help="longest device step (forward, transfers, backward) this device accepts; needs --profile")
-    p.add_argument("--memory-cap", type=parse_bytes,
-                   help="a hard cap on this process's memory, enforced by the kernel (setrlimit RLIMIT_DATA): an "
-                        "allocation beyond it fails. Set before profiling, so the profile sees it")
     p.add_argument("--relative-speed", type=float, help="this device's compute relative to the weakest (optional)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to take part in (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads on this device (default: torch's choice)")
@@ -66,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.fit import PlanDoesNotFit
     from hsplitlora.data import load_examples
 
-    if args.memory_cap:
-        cap_memory(int(args.memory_cap))
     if args.threads:
         torch.set_num_threads(args.threads)
     context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
@@ -120,17 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         client.save(args.save)
     return 0
-
-
-def cap_memory(limit: int) -> None:
-    """Cap this process's data memory (heap and anonymous mappings) at `limit` bytes, for real:
-    past it, allocations fail (torch raises). `edge_sdk.profile.available_memory` honours it."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    if hard != resource.RLIM_INFINITY and limit > hard:
-        raise ValueError(f"--memory-cap {limit} is above this process's hard limit {hard}")
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def _device_profile(args: argparse.Namespace, ssl_context, emit) -> dict | None:

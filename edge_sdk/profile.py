@@ -147,42 +147,20 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
-def _rlimit_headroom() -> int | None:
-    """What this process's RLIMIT_DATA (`hsplitlora client --memory-cap`) leaves, or None without one.
-
-    The limit counts data memory (VmData: heap and private writable mappings), which runs ahead
-    of resident memory by what is reserved and not yet touched; what it leaves is what the process
-    can still allocate, so it bounds resident growth from here."""
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    if limit == resource.RLIM_INFINITY:
-        return None
-    try:
-        data = process_memory()["VmData"]
-    except (OSError, KeyError):
-        return None
-    return max(limit - data, 0)
-
-
 def available_memory() -> int:
-    """Bytes this device can still give a process: MemAvailable, bounded by a cgroup limit and by
-    this process's data limit (then: its resident memory plus what the limit lets it add)."""
+    """Bytes this device can still give a process: MemAvailable, bounded by a cgroup limit."""
     available = _meminfo_available()
-    for headroom in (_cgroup_headroom(), _rlimit_headroom()):
-        if headroom is not None:
-            available = min(available, headroom)
-    return available
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 def process_memory() -> dict[str, int]:
-    """This process's memory from /proc/self/status: resident VmRSS (now), VmHWM (peak), RssAnon,
-    and VmData (what RLIMIT_DATA counts)."""
+    """This process's resident bytes from /proc/self/status: VmRSS (now), VmHWM (peak), RssAnon."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "VmData"):
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
                 out[key] = int(value.split()[0]) * 1024
     return out
 

@@ -181,7 +181,9 @@ def test_a_client_plans_from_its_profile_within_its_budgets_and_refuses_a_plan_t
             refused = await _finish(await _cli(
                 *client, "--token", registered["token"], "--memory-budget",
                 str(registered["predicted_peak_rss_bytes"] - 2**20)))
-            impossible = await _finish(await _cli(*client, "--step-time-budget", "1e-9"))
+            # Profiled at start (the model and batch from /v1/settings), with a budget no plan meets.
+            auto = [a if a != str(out) else "auto" for a in client]
+            impossible = await _finish(await _cli(*auto, "--step-time-budget", "1e-9"))
             return profile, printed, budget, registered, status, refused, impossible
 
     profile, printed, budget, registered, status, refused, impossible = asyncio.run(main())
@@ -195,7 +197,8 @@ def test_a_client_plans_from_its_profile_within_its_budgets_and_refuses_a_plan_t
     assert me["predicted_step_s"] <= budget  # the plan after the round's re-plan, within the same budget
     code, _, err = refused
     assert code == 2 and "refuses its plan" in err and "predicted to peak at" in err, err
-    code, _, err = impossible
+    code, events, err = impossible
+    assert json.loads(events.splitlines()[0])["profile"]["model"] == "tiny-llama"
     assert code == 2 and "422" in err and "s per step" in err, err
 
 
