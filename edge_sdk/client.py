@@ -38,9 +38,10 @@ import torch
 
 from edge_sdk.fit import DeviceBudget, PlanDoesNotFit, plan_problem
 from edge_sdk.runtimes import FORMAT_OF, AdamW, DeviceRuntime, choose_runtime, dense_updates, fresh_lora, open_runtime
-from edge_sdk.runtimes.base import MANIFEST, sha256_file
+from edge_sdk.runtimes.base import MANIFEST
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.data import Example, endless_batches, pad_batch
+from hsplitlora.hashing import sha256_file
 from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import Target, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import cache_dir, load_model, load_tokenizer, resolve_model_dir

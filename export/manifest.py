@@ -5,10 +5,11 @@ The format is documented in docs/export.md ("The manifest"); bump SCHEMA on inco
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from hsplitlora.hashing import sha256_file
 
 SCHEMA = "hsplitlora.device-segment/1"
 MANIFEST = "manifest.json"
@@ -81,14 +82,6 @@ class Manifest:
     @classmethod
     def load(cls, directory: Path) -> Manifest:
         return cls.from_dict(json.loads((Path(directory) / MANIFEST).read_text()))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_files(directory: Path, artifact: Artifact) -> list[str]:

@@ -10,6 +10,14 @@ import torch
 from torch.export import ExportedProgram
 
 
+def _recompiled(gm: torch.fx.GraphModule, count: int) -> int:
+    """After a pass rewrote `count` nodes: check the graph and regenerate its code (if it changed)."""
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def replace_empty_permuted(gm: torch.fx.GraphModule) -> int:
     """Rewrite `aten.empty_permuted(size, perm)` as `permute(empty([size[p] for p in perm]), perm^-1)`.
 
@@ -39,10 +47,7 @@ def replace_empty_permuted(gm: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(permuted)
         graph.erase_node(node)
         count += 1
-    if count:
-        graph.lint()
-        gm.recompile()
-    return count
+    return _recompiled(gm, count)
 
 
 def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
@@ -83,10 +88,7 @@ def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(cur)
         graph.erase_node(node)
         count += 1
-    if count:
-        graph.lint()
-        gm.recompile()
-    return count
+    return _recompiled(gm, count)
 
 
 def prepare_joint(ep: ExportedProgram) -> ExportedProgram:

@@ -25,7 +25,8 @@ from export import executorch_backend as et_backend
 from export import onnx_backend
 from export.frozen import adapted_weights, locate
 from export.joint import JointProgram, eager_step, export_joint, lora_parameters
-from export.manifest import MANIFEST, SCHEMA, Artifact, Manifest, TensorSpec, sha256_file
+from export.manifest import MANIFEST, SCHEMA, Artifact, Manifest, TensorSpec
+from hsplitlora.hashing import sha256_file
 from export.verify import DEFAULT_RTOL, VerificationError, compare, verification_inputs
 from hsplitlora.family import family_of, num_layers
 from hsplitlora.importance import all_targets

@@ -10,10 +10,11 @@ import export
 from export import Manifest, onnx_backend, parse_formats
 from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
-from export.manifest import check_files, sha256_file
+from export.manifest import check_files
 from export.passes import replace_empty_permuted
 from export.testing import cached_build
 from hsplitlora.family import FAMILIES
+from hsplitlora.hashing import sha256_file
 
 # Both families, splits 1 and 2, mixed ranks; GPT-2's fused c_attn carries q, k and v adapters of
 # different ranks (three slices of one weight).

@@ -12,7 +12,6 @@ i.e. exactly the LoRA gradients of the server's loss. The optimizer lives outsid
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsplitlora.hashing import sha256_file
 from hsplitlora.lora import init_generator, initial_A
 
 MANIFEST = "manifest.json"
@@ -111,13 +111,6 @@ def fresh_lora(shapes: dict[str, tuple[int, ...]], seed: tuple = (0,)) -> dict[s
 
 
 # ---- artifact directories (export/manifest.py writes them; this side only reads JSON) ---------
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: Path, fmt: str, verify_hashes: bool = True) -> dict:
