@@ -118,13 +118,11 @@ def run_worker(model: str, split: int, ranks: str, steps: int, threads: int, bat
 def calibrate(profile: dict, model: str, splits, settings: dict[str, str], steps: int, probe: str,
               wire_bytes: int = 2) -> list[dict]:
     """Predicted and measured step time and peak RSS for every (split, rank setting)."""
-    from transformers import AutoConfig
-
-    from hsplitlora.cost import ModelDims, StepShape
-    from hsplitlora.models import resolve_model_dir
+    from hsplitlora.cost import StepShape
+    from hsplitlora.models import load_dims
     from hsplitlora.predict import DeviceRates, predict_step
 
-    dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(model)))
+    dims = load_dims(model)
     rates = DeviceRates.from_profile(profile)
     shape = StepShape(profile["batch"], profile["seq"])
     rows = []

@@ -44,7 +44,7 @@ from hsplitlora.data import Example, endless_batches, pad_batch
 from hsplitlora.hashing import sha256_file
 from hsplitlora.importance import SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import Target, apply_lora, install_adapters, lora_layer
-from hsplitlora.models import cache_dir, load_model, load_tokenizer, resolve_model_dir
+from hsplitlora.models import cache_dir, load_dims, load_model, load_tokenizer
 from hsplitlora.planner import Plan
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
@@ -180,9 +180,7 @@ class AsyncClient:
         """Refuse (PlanDoesNotFit) a plan over this device's budget, before anything is loaded for it."""
         s = self.settings
         if self.dims is None:
-            from transformers import AutoConfig
-
-            self.dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(s["model"])))
+            self.dims = load_dims(s["model"])
         available = None
         if self.budget.profile is not None:
             from edge_sdk.profile import available_memory, process_memory

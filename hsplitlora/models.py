@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -25,6 +26,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from hsplitlora.cost import ModelDims
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,11 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerFast
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_dims(name_or_path: str = DEFAULT_MODEL) -> ModelDims:
+    """The model's shapes for the cost model, from its config alone (no weights are loaded)."""
+    return ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(name_or_path)))
 
 
 def _cached(name: str, writer) -> Path:

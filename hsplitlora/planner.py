@@ -167,18 +167,23 @@ class MeasuredDevice:
                 cfg: PlannerConfig) -> StepPrediction:
         return predict_step(self.rates, dims, split, ranks, shape, self.wire_bytes, cfg.bytes_per_param)
 
-    def fits(self, budget: Budget, dims: ModelDims, split: int, ranks: dict[Target, int], shape: StepShape,
-             cfg: PlannerConfig, share: float = 1.0) -> bool:
-        """Whether the predicted step seconds, FLOPs and peak RSS fit `share` of the budget; of the
+    @staticmethod
+    def within(budget: Budget, pred: StepPrediction, flops: float, share: float = 1.0) -> bool:
+        """Whether a prediction's step seconds, FLOPs and peak RSS fit `share` of the budget; of the
         memory, `share` is of what the budget leaves beyond the runtime's baseline, which the
         process holds whatever the plan (a reserve is for what training adds)."""
-        pred = self.predict(dims, split, ranks, shape, cfg)
         if budget.step_seconds is not None and pred.seconds > share * budget.step_seconds:
             return False
-        if budget.flops_per_step is not None and device_flops(dims, split, ranks, shape) > share * budget.flops_per_step:
+        if budget.flops_per_step is not None and flops > share * budget.flops_per_step:
             return False
         base = pred.baseline_bytes
         return pred.peak_rss_bytes - base <= share * (budget.memory_bytes - base)
+
+    def fits(self, budget: Budget, dims: ModelDims, split: int, ranks: dict[Target, int], shape: StepShape,
+             cfg: PlannerConfig, share: float = 1.0) -> bool:
+        """`within` for the prediction of this split and these ranks."""
+        pred = self.predict(dims, split, ranks, shape, cfg)
+        return self.within(budget, pred, device_flops(dims, split, ranks, shape), share)
 
 
 def _block_mass(dims: ModelDims, importance: dict[Target, float], projs: tuple[str, ...]) -> list[float]:
@@ -289,10 +294,10 @@ def plan_device(dims: ModelDims, importance: dict[Target, float], budget: Budget
     flops = device_flops(dims, split, ranks, shape)
     # The greedy adds the same integer terms device_memory sums (or re-predicts every step), so
     # this holds exactly; keep the check anyway: a plan over budget would crash a device mid-round.
-    fits = device.fits(budget, dims, split, ranks, shape, cfg) if device else _within(budget, memory.total, flops)
+    predicted = device.predict(dims, split, ranks, shape, cfg) if device else None
+    fits = device.within(budget, predicted, flops) if device else _within(budget, memory.total, flops)
     if not fits:
         raise AssertionError(f"planner bug: plan exceeds its budget ({memory}, {flops} FLOPs, {budget})")
-    predicted = device.predict(dims, split, ranks, shape, cfg) if device else None
     return Plan(split, ranks, memory, flops, objective(ranks, importance), predicted)
 
 

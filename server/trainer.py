@@ -80,7 +80,11 @@ def measured_device(profile: dict, wire: str) -> MeasuredDevice | None:
     a declared one (memory, FLOPs) by the analytic counts. Raises ValueError for a malformed one."""
     if profile.get("flops_fp32") is None:
         return None
-    return MeasuredDevice(DeviceRates.from_profile(profile), BYTES_PER_ELEMENT[wire])
+    try:
+        rates = DeviceRates.from_profile(profile)
+    except (TypeError, AttributeError) as e:  # e.g. a number where a mapping belongs
+        raise ValueError(f"malformed device profile: {e}") from None
+    return MeasuredDevice(rates, BYTES_PER_ELEMENT[wire])
 
 
 @dataclass
@@ -153,7 +157,8 @@ class ServerTrainer:
         return client
 
     def plan_for(self, profile: dict) -> Plan:
-        """The plan a device with this profile would get now (raises PlanError if none fits)."""
+        """The plan a device with this profile would get now (PlanError if none fits, ValueError if its
+        measurements are malformed)."""
         device = measured_device(profile, self.cfg.wire)
         with self.lock:
             return self._plan(budget_of(profile), profile.get("relative_speed"), device)
