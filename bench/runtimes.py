@@ -6,9 +6,10 @@ For each LoRA setting and split k the device segment is exported to both formats
 `export.build` (export seconds and file sizes from its manifest), then every runtime runs the
 step the client runs, in one process, interleaved (round-robin repeats, median):
 
-    eager torch   h = segment(ids, mask) keeping activations; h.backward(dL/dh)  (edge_sdk/client.py)
-    onnxruntime   h = rt.forward(ids, mask) (forward-only graph); rt.step(ids, mask, dL/dh) (joint graph)
-    executorch    h = rt.forward(ids, mask) (forward-only method); rt.step(ids, mask, dL/dh) (joint method)
+    h = rt.forward(ids, mask, keep=True)    eager: the segment, keeping autograd's graph;
+                                            onnxruntime / executorch: the forward graph / method,
+                                            returning h and the activations the backward reads
+    grads = rt.backward(dL/dh)              eager: autograd; the others: the backward graph / method
 
 each followed by the SDK's AdamW over the LoRA tensors. dL/dh is random (the server's reply).
 Only the timing runs under the shared lock /tmp/hsplitlora-bench.lock (taken here: do not wrap
@@ -38,7 +39,6 @@ from edge_sdk.runtimes import AdamW
 from edge_sdk.runtimes.executorch_runtime import ExecuTorchRuntime
 from edge_sdk.runtimes.onnx_runtime import OnnxRuntime
 from edge_sdk.runtimes.torch_runtime import TorchRuntime
-from export.joint import lora_parameters
 from export.pipeline import tool_versions
 from hsplitlora.models import load_model
 from hsplitlora.report import table
@@ -74,52 +74,28 @@ def set_threads(n: int) -> None:
     _unsafe_reset_threadpool(n)
 
 
-class EagerStep:
-    """The client's eager path: forward keeping the activations, then backward with dL/dh."""
-
-    def __init__(self, rt: TorchRuntime):
-        self.segment = rt.segment
-        self.params = {key: p for key, (_, p) in lora_parameters(rt.segment).items()}
-        for p in self.params.values():
-            p.requires_grad_(True)
-
-    def lora_tensors(self):
-        return {k: p.data for k, p in self.params.items()}
-
-    def split_step(self, ids, mask, upstream, opt: AdamW) -> tuple[float, float, float]:
-        t0 = time.perf_counter()
-        h = self.segment(ids, mask)
-        t1 = time.perf_counter()
-        h.backward(upstream)
-        t2 = time.perf_counter()
-        opt.step(self.lora_tensors(), {k: p.grad for k, p in self.params.items()})
-        for p in self.params.values():
-            p.grad = None
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-
-class ArtifactStep:
-    """An artifact runtime as the client drives it: forward, then the joint step."""
+class Step:
+    """A runtime as the client drives it: forward keeping the activations, backward with dL/dh, AdamW."""
 
     def __init__(self, rt):
         self.rt = rt
 
     def split_step(self, ids, mask, upstream, opt: AdamW) -> tuple[float, float, float]:
         t0 = time.perf_counter()
-        self.rt.forward(ids, mask)
+        self.rt.forward(ids, mask, keep=True)
         t1 = time.perf_counter()
-        _, grads = self.rt.step(ids, mask, upstream)
+        grads = self.rt.backward(upstream)
         t2 = time.perf_counter()
         opt.step(self.rt.lora_tensors(), grads)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int) -> dict:
-    """Median ms of forward / step / AdamW / the whole split step per runtime, interleaved."""
+    """Median ms of forward / backward / AdamW / the whole split step per runtime, interleaved."""
     set_threads(threads)
     eager = TorchRuntime.from_model(load_model(model)[0], split, ranks, ALPHA)
-    steps = {"eager": EagerStep(eager), "onnxruntime": ArtifactStep(OnnxRuntime(directory, threads=threads)),
-             "executorch": ArtifactStep(ExecuTorchRuntime(directory))}
+    steps = {"eager": Step(eager), "onnxruntime": Step(OnnxRuntime(directory, threads=threads)),
+             "executorch": Step(ExecuTorchRuntime(directory))}
     start = {k: v.clone() for k, v in eager.lora_tensors().items()}  # apply_lora's fresh adapters
     steps["onnxruntime"].rt.set_lora_tensors(start)
     steps["executorch"].rt.set_lora_tensors(start)
@@ -141,9 +117,9 @@ def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: 
     load_after = os.getloadavg()[0]
     out = {}
     for name, rows in samples.items():
-        fwd, step, opt = (statistics.median(col) * 1e3 for col in zip(*rows))
+        fwd, back, opt = (statistics.median(col) * 1e3 for col in zip(*rows))
         total = statistics.median(sum(r) for r in rows) * 1e3
-        out[name] = {"forward_ms": round(fwd, 1), "step_ms": round(step, 1), "adamw_ms": round(opt, 2),
+        out[name] = {"forward_ms": round(fwd, 1), "backward_ms": round(back, 1), "adamw_ms": round(opt, 2),
                      "split_step_ms": round(total, 1), "samples_ms": [round(sum(r) * 1e3, 1) for r in rows]}
     for row in out.values():
         row["ratio_to_eager"] = round(row["split_step_ms"] / out["eager"]["split_step_ms"], 2)
@@ -182,13 +158,13 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int]) ->
             ratios = (f"**{rt[x]['ratio_to_eager']:.2f}**" for x in RUNTIMES[1:])
             step_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['split_step_ms']:.0f}" for x in RUNTIMES),
                               *ratios, f"{t['load_average'][0]:.1f}-{t['load_average'][1]:.1f}"])
-            part_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['forward_ms']:.0f} + {rt[x]['step_ms']:.0f} + "
+            part_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['forward_ms']:.0f} + {rt[x]['backward_ms']:.0f} + "
                                                              f"{rt[x]['adamw_ms']:.1f}" for x in RUNTIMES)])
         onnx, pte = r["artifacts"]["onnx"], r["artifacts"]["pte"]
         ob, pb = onnx["bytes"], pte["bytes"]
         art_rows.append([r["setting"], r["split"],
                          f"{mb(ob['device_segment.onnx'])} + {mb(ob['device_segment_forward.onnx'])} + "
-                         f"{mb(ob['device_segment.onnx.data'])}",
+                         f"{mb(ob['device_segment_backward.onnx'])} + {mb(ob['device_segment.onnx.data'])}",
                          f"{mb(pb['device_segment.pte'])} + {mb(pb['device_segment.ptd'])}",
                          f"{onnx['export_seconds']:.0f}", f"{pte['export_seconds']:.0f}", f"{r['build_seconds']:.0f}",
                          f"{max(onnx['parity'].values()):.1e} / {max(pte['parity'].values()):.1e}"])
@@ -197,9 +173,11 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int]) ->
         "",
         f"Model {model}, batch {BATCH} x {SEQ} tokens, LoRA alpha {ALPHA:g}; settings `qv8` = `{SETTINGS['qv8']}`, "
         f"`all16` = rank 16 on all seven projections of every device block (what the planner gives a device "
-        f"with room to spare). One **split-learning device step** as the client runs it: eager torch = the "
-        f"segment's forward keeping activations + `h.backward(dL/dh)`; onnxruntime and ExecuTorch = `forward` "
-        f"(forward-only graph / method) + `step` (joint forward-backward); each + the SDK's AdamW. All runtimes "
+        f"with room to spare). One **split-learning device step** as the client runs it, through the SDK's "
+        f"runtime interface: `forward(ids, mask, keep=True)` (eager: the segment keeping its autograd graph; "
+        f"onnxruntime / ExecuTorch: the forward graph / method returning h and the activations the backward "
+        f"reads), then `backward(dL/dh)` (eager: autograd; the others: the backward graph / method), then the "
+        f"SDK's AdamW. All runtimes "
         f"in one process, interleaved, median of {repeats} after 2 warm-up steps, threads "
         f"{', '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool), under the "
         f"shared timing lock. "
@@ -209,11 +187,12 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int]) ->
         table(["setting", "k", "threads", "eager ms", "onnxruntime ms", "ExecuTorch ms", "ORT / eager",
                "ExecuTorch / eager", "load avg"], step_rows),
         "",
-        "Where the time goes, ms: forward + step (eager: backward) + AdamW:",
+        "Where the time goes, ms: forward + backward + AdamW:",
         "",
         table(["setting", "k", "threads", "eager", "onnxruntime", "ExecuTorch"], part_rows),
         "",
-        "Artifacts (MB: onnx joint + forward + weights; pte program + LoRA `.ptd`), export seconds (trace + "
+        "Artifacts (MB: onnx joint + forward + backward graphs + weights; pte program (three methods) + LoRA "
+        "`.ptd`), export seconds (trace + "
         "lowering + writing, per format), the whole `export.build` (both formats, model load and verification "
         "included) and the worst parity error at export (onnx / pte, relative):",
         "",

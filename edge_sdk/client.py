@@ -336,9 +336,9 @@ class AsyncClient:
         self.optimizer.reset()
         for step in range(s["local_steps"]):
             batch = pad_batch(next(self.stream), manifest["batch"], manifest["seq"], self.tokenizer.pad_token_id)
-            h = rt.forward(batch.input_ids, batch.attention_mask)
+            h = rt.forward(batch.input_ids, batch.attention_mask, keep=True)
             grad, loss, sent, received = await self._step(step, h, batch)
-            _, grads = rt.step(batch.input_ids, batch.attention_mask, grad)
+            grads = rt.backward(grad)
             self.optimizer.step(rt.lora_tensors(), grads)
             up, down = up + sent, down + received
             losses.append(loss)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hsplitlora.hashing import sha256_file
 
-SCHEMA = "hsplitlora.device-segment/1"
+SCHEMA = "hsplitlora.device-segment/2"  # 2: forward and backward graphs
 MANIFEST = "manifest.json"
 
 
@@ -27,16 +27,19 @@ class Artifact:
     """One format's files and how to call them."""
 
     format: str  # "onnx" | "pte"
-    files: dict[str, str]  # role -> file name; onnx: program, weights; pte: program, lora
+    files: dict[str, str]  # role -> file name; onnx: program, weights, forward, backward; pte: program, lora
     sha256: dict[str, str]  # file name -> hex digest, as written (in-place merges change it later)
     bytes: dict[str, int]  # file name -> size
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     gradients: dict[str, str]  # LoRA key -> output name (onnx) or parameter FQN (pte)
-    parity: dict[str, float]  # max error relative to the largest magnitude: {"h", "grads", "forward_h"}
+    # max error relative to the largest magnitude: the joint step's {"h", "grads"}, forward + backward's
+    # {"forward_h", "backward"} (h of the forward graph, gradients of the backward graph)
+    parity: dict[str, float]
     export_seconds: float
     frozen_weights: list[dict] = field(default_factory=list)  # see export/frozen.py
-    # role -> method name inside a multi-method program; pte: {"step": "forward", "forward": "forward_h"}
+    # role -> method name inside a multi-method program;
+    # pte: {"step": "forward", "forward": "forward_h", "backward": "backward_h"}
     methods: dict[str, str] = field(default_factory=dict)
 
 

@@ -19,10 +19,14 @@ from torch import nn
 from torch.export.graph_signature import InputKind
 
 from export.joint import USER_INPUTS, JointProgram, example_inputs
+from export.partition import Op, cut
 
 ONNX_FILE = "device_segment.onnx"
 ONNX_DATA = "device_segment.onnx.data"
 FORWARD_FILE = "device_segment_forward.onnx"
+BACKWARD_FILE = "device_segment_backward.onnx"
+# ONNX ops that only re-view their first input: the backward recomputes them from a saved base.
+_VIEWS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Flatten"}
 
 
 def lora_input_name(key: str) -> str:
@@ -91,25 +95,37 @@ def export_onnx(joint: JointProgram, out_dir: Path, lora_init: dict[str, torch.T
                            "(an input the graph does not use was dropped?)")
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_DATA, size_threshold=1024)  # small constants stay inline: ORT shape inference reads them
-    return [path, out_dir / ONNX_DATA, extract_forward(path, keys)]
+    return [path, out_dir / ONNX_DATA, *split_joint(path, keys)]
 
 
-def extract_forward(path: Path, keys: list[str]) -> Path:
-    """The subgraph of the joint model that computes h alone, sharing the joint model's weight file.
+def split_joint(path: Path, keys: list[str]) -> tuple[Path, Path]:
+    """The joint model cut at the saved activations (export.partition): a forward graph and a
+    backward graph, both sharing the joint model's weight file.
 
-    A device sends h before it knows dL/dh, so every step runs a forward and then the joint
-    graph. The joint graph asked for h alone still runs most of its nodes; this subgraph (the
-    nodes h depends on, the same initializers, still pointing into device_segment.onnx.data)
-    costs a plain forward. Inputs: input_ids, attention_mask, lora.<key>; output: h.
+    forward:  input_ids, attention_mask, lora.<key>  ->  h, saved...
+    backward: upstream_grad, lora.<key>, saved...    ->  grad.<key>
+
+    Saved tensors keep their names from the joint graph, so a runtime passes the forward's extra
+    outputs to the backward by name. Asked for h alone, the forward graph costs a plain forward.
     """
     import onnx
     from onnx.utils import Extractor
 
-    model = onnx.load(str(path), load_external_data=False)
-    inputs = ["input_ids", "attention_mask", *(lora_input_name(k) for k in keys)]
-    forward = Extractor(model).extract_model(inputs, ["h"])
-    out = path.parent / FORWARD_FILE
-    onnx.save_model(forward, str(out))  # external initializers keep their location and offsets
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        raise RuntimeError("the joint ONNX graph has control flow: it cannot be cut at the activations")
+    ops = [Op(inputs=tuple(v for v in n.input if v), outputs=tuple(n.output), view=n.op_type in _VIEWS)
+           for n in model.graph.node]
+    grads = [grad_output_name(k) for k in keys]
+    saved = cut(ops, "h", grads, set(USER_INPUTS[:2])).saved
+    lora = [lora_input_name(k) for k in keys]
+    extractor = Extractor(model)
+    forward = extractor.extract_model([*USER_INPUTS[:2], *lora], ["h", *saved])
+    backward = extractor.extract_model(["upstream_grad", *lora, *saved], grads)
+    out = path.parent / FORWARD_FILE, path.parent / BACKWARD_FILE
+    for graph, file in zip((forward, backward), out):
+        onnx.save_model(graph, str(file))  # external initializers keep their location and offsets
     return out
 
 
@@ -131,17 +147,23 @@ def run_onnx(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return h, {k: torch.from_numpy(values[grad_output_name(k)]) for k in lora}
 
 
-def run_onnx_forward(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lora: dict[str, torch.Tensor]) -> torch.Tensor:
-    """h from the forward-only graph (the verification run)."""
+def run_onnx_split(forward: Path, backward: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   upstream_grad: torch.Tensor, lora: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """h from the forward graph, the gradients from the backward graph fed its saved tensors (the
+    verification run of the path a device takes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
-    feeds.update({lora_input_name(k): v.detach().numpy().astype(np.float32) for k, v in lora.items()})
-    return torch.from_numpy(session.run(["h"], feeds)[0])
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (forward, backward)]
+    factors = {lora_input_name(k): v.detach().numpy().astype(np.float32) for k, v in lora.items()}
+    outputs = sessions[0].run(None, {"input_ids": input_ids.numpy().astype(np.int64),
+                                     "attention_mask": attention_mask.numpy().astype(np.int64), **factors})
+    saved = dict(zip((o.name for o in sessions[0].get_outputs()[1:]), outputs[1:]))
+    grads = sessions[1].run([grad_output_name(k) for k in lora],
+                            {"upstream_grad": upstream_grad.numpy().astype(np.float32), **factors, **saved})
+    return torch.from_numpy(outputs[0]), {k: torch.from_numpy(g) for k, g in zip(lora, grads)}
 
 
 def tensor_specs(path: Path) -> tuple[list[dict], list[dict]]:

@@ -91,8 +91,36 @@ def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
     return _recompiled(gm, count)
 
 
+def replace_small_powers(gm: torch.fx.GraphModule) -> int:
+    """Rewrite `aten.pow(x, 1)` as x, `pow(x, 2)` as `x * x` and `pow(x, 3)` as `x * x * x`.
+
+    RMSNorm squares its input and the backward of a square is `2 * pow(x, 1)`: activation-sized
+    powers that both runtimes compute with a general `pow` kernel (onnxruntime: 6 % of a SmolLM2
+    backward at k=2), where a multiply is as exact and several times cheaper. Returns the number
+    of nodes rewritten.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.pow.Tensor_Scalar:
+            continue
+        x, exponent = node.args
+        if exponent not in (1, 2, 3):
+            continue
+        result = x
+        with graph.inserting_before(node):
+            for _ in range(int(exponent) - 1):
+                result = graph.call_function(torch.ops.aten.mul.Tensor, (result, x))
+                result.meta.update(node.meta)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        count += 1
+    return _recompiled(gm, count)
+
+
 def prepare_joint(ep: ExportedProgram) -> ExportedProgram:
     """All passes the joint forward-backward program needs before either back end (in place)."""
     replace_empty_permuted(ep.graph_module)
     replace_negative_pad(ep.graph_module)
+    replace_small_powers(ep.graph_module)
     return ep

@@ -110,9 +110,10 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 class _Run:
     """One artifact's verification run and how its files and tensors are named."""
 
-    h: torch.Tensor
+    h: torch.Tensor  # the joint step's
     grads: dict[str, torch.Tensor]
-    forward_h: torch.Tensor | None
+    split_h: torch.Tensor  # the forward graph's, then the backward graph's gradients
+    split_grads: dict[str, torch.Tensor]
     roles: dict[str, str]
     gradients: dict[str, str]
     inputs: list[dict]
@@ -121,21 +122,21 @@ class _Run:
 
 
 def _run_onnx(joint: JointProgram, files: list[Path], check) -> _Run:
-    program, weights, forward = files
+    program, weights, forward, backward = files
     ids, mask, upstream, lora = check
     h, grads = onnx_backend.run_onnx(program, ids, mask, upstream, lora)
     inputs, outputs = onnx_backend.tensor_specs(program)
-    return _Run(h, grads, onnx_backend.run_onnx_forward(forward, ids, mask, lora),
-                roles={"program": program.name, "weights": weights.name, "forward": forward.name},
+    return _Run(h, grads, *onnx_backend.run_onnx_split(forward, backward, *check),
+                roles={"program": program.name, "weights": weights.name, "forward": forward.name,
+                       "backward": backward.name},
                 gradients={k: onnx_backend.grad_output_name(k) for k in joint.lora_fqns},
                 inputs=inputs, outputs=outputs)
 
 
 def _run_pte(joint: JointProgram, files: list[Path], check) -> _Run:
     pte, ptd = files
-    h, grads, forward_h = et_backend.run_pte(pte, ptd, joint.lora_fqns, *check)
     inputs, outputs = et_backend.tensor_specs(pte, ptd)
-    return _Run(h, grads, forward_h, roles={"program": pte.name, "lora": ptd.name},
+    return _Run(*et_backend.run_pte(pte, ptd, joint.lora_fqns, *check), roles={"program": pte.name, "lora": ptd.name},
                 gradients=dict(joint.lora_fqns), inputs=inputs, outputs=outputs, methods=dict(et_backend.METHODS))
 
 
@@ -203,23 +204,19 @@ def build(
         for fmt in fmts:
             t0 = time.perf_counter()
             files = (onnx_backend.export_onnx(joint, tmp, initial) if fmt == "onnx"
-                     else et_backend.export_pte(joint, segment, tmp))
+                     else et_backend.export_pte(joint, tmp))
             seconds = trace_seconds + time.perf_counter() - t0
             run = _run_onnx(joint, files, check) if fmt == "onnx" else _run_pte(joint, files, check)
             parity = compare(ref_h, ref_grads, run.h, run.grads)
-            log.info("%s artifact: %s", fmt, parity.describe())
-            if not parity.ok(rtol):
-                raise VerificationError(
-                    f"the {fmt} artifact does not match PyTorch eager autograd within {rtol:.1e}: "
-                    f"{parity.describe()}; nothing was written to {out_dir}")
-            errors = {"h": parity.h, "grads": parity.grads}
-            if run.forward_h is not None:
-                errors["forward_h"] = compare(ref_h, {}, run.forward_h, {}).h
-                if not errors["forward_h"] <= rtol:
+            halves = compare(ref_h, ref_grads, run.split_h, run.split_grads)
+            log.info("%s artifact, joint step: %s", fmt, parity.describe())
+            log.info("%s artifact, forward + backward: %s", fmt, halves.describe())
+            for what, result in (("joint step", parity), ("forward + backward", halves)):
+                if not result.ok(rtol):
                     raise VerificationError(
-                        f"the {fmt} forward-only graph does not match PyTorch eager within {rtol:.1e}: h max "
-                        f"error {errors['forward_h']:.2e} relative to max|h| = {parity.h_scale:.3g}; "
-                        f"nothing was written to {out_dir}")
+                        f"the {fmt} artifact's {what} does not match PyTorch eager autograd within {rtol:.1e}: "
+                        f"{result.describe()}; nothing was written to {out_dir}")
+            errors = {"h": parity.h, "grads": parity.grads, "forward_h": halves.h, "backward": halves.grads}
             artifacts[fmt] = Artifact(
                 format=fmt,
                 files=run.roles,

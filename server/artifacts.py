@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from export.manifest import SCHEMA
 from hsplitlora.planner import Plan
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class ArtifactCache:
         lock = self._locks.setdefault(key.id, asyncio.Lock())
         async with lock:
             manifest = self.manifest(key.id)
-            if manifest is None:
+            if manifest is None or manifest.get("schema") != SCHEMA:  # not built, or by an older exporter
                 await self._build(key)
                 manifest = self.manifest(key.id)
             return manifest

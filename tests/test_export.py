@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -10,11 +13,12 @@ import export
 from export import Manifest, onnx_backend, parse_formats
 from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
-from export.manifest import check_files
-from export.passes import replace_empty_permuted
+from export.manifest import SCHEMA, check_files
+from export.passes import replace_empty_permuted, replace_small_powers
 from export.testing import cached_build
 from hsplitlora.family import FAMILIES
 from hsplitlora.hashing import sha256_file
+from server.artifacts import ArtifactCache, ArtifactKey
 
 # Both families, splits 1 and 2, mixed ranks; GPT-2's fused c_attn carries q, k and v adapters of
 # different ranks (three slices of one weight).
@@ -33,21 +37,41 @@ def test_every_artifact_matches_eager_autograd(built):
     _, manifest = built
     assert set(manifest.artifacts) == {"onnx", "pte"}
     for fmt, art in manifest.artifacts.items():
-        assert art.parity["h"] <= manifest.tolerance, f"{fmt}: h parity {art.parity['h']:.2e}"
-        assert art.parity["grads"] <= manifest.tolerance, f"{fmt}: gradient parity {art.parity['grads']:.2e}"
-        assert art.parity["forward_h"] <= manifest.tolerance, f"{fmt}: forward-only h parity"
+        # The joint step, and the forward + backward pair the device trains with.
+        for what in ("h", "grads", "forward_h", "backward"):
+            assert art.parity[what] <= manifest.tolerance, f"{fmt}: {what} parity {art.parity[what]:.2e}"
 
 
-def test_executorch_program_has_a_forward_only_method_sharing_the_frozen_weights(built):
+def test_executorch_program_has_split_methods_sharing_the_frozen_weights(built):
     out, manifest = built
     art = manifest.artifacts["pte"]
-    assert art.methods == {"step": "forward", "forward": "forward_h"}
+    assert art.methods == {"step": "forward", "forward": "forward_h", "backward": "backward_h"}
     program = load_training_module(out / art.files["program"], out / art.files["lora"]).model
-    assert {"forward", "forward_h"} <= set(program.method_names())
-    meta = program.method_meta("forward_h")
-    assert meta.num_inputs() == 2 + len(manifest.lora) and meta.num_outputs() == 1
-    # One stored copy of each frozen weight serves both methods (not one per method).
+    assert {"forward", "forward_h", "backward_h"} <= set(program.method_names())
+    forward, backward = program.method_meta("forward_h"), program.method_meta("backward_h")
+    assert forward.num_inputs() == 2 + len(manifest.lora)
+    saved = forward.num_outputs() - 1  # h, then the activations the backward reads
+    assert saved > 0
+    assert backward.num_inputs() == 1 + len(manifest.lora) + saved and backward.num_outputs() == len(manifest.lora)
+    # One stored copy of each frozen weight serves every method (not one per method).
     assert all(len(w["copies"]) == 1 for w in art.frozen_weights), [w["copies"] for w in art.frozen_weights]
+
+
+def test_onnx_forward_and_backward_graphs_share_the_weight_file(built):
+    out, manifest = built
+    import onnx
+
+    art = manifest.artifacts["onnx"]
+    forward, backward = (onnx.load(str(out / art.files[role]), load_external_data=False)
+                         for role in ("forward", "backward"))
+    saved = [o.name for o in forward.graph.output][1:]
+    assert [o.name for o in forward.graph.output][0] == "h" and saved
+    lora = [onnx_backend.lora_input_name(t.name) for t in manifest.lora]
+    assert [i.name for i in backward.graph.input] == ["upstream_grad", *lora, *saved]
+    assert [o.name for o in backward.graph.output] == list(art.gradients.values())
+    for graph in (forward, backward):
+        locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {art.files["weights"]}
 
 
 def test_manifest_names_the_segment_and_its_tensors(built):
@@ -100,20 +124,20 @@ def test_frozen_weights_table_locates_every_device_weight(built):
 
 
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
-    """An artifact off by 1e-3 of the largest gradient is refused, through the command line."""
-    real = onnx_backend.run_onnx
+    """A backward off by 1e-3 of the largest gradient is refused, through the command line."""
+    real = onnx_backend.run_onnx_split
 
     def off_by_a_little(*args, **kwargs):
         h, grads = real(*args, **kwargs)
         grads["0.q.A"] = grads["0.q.A"] + 1e-3 * max(g.abs().max() for g in grads.values())
         return h, grads
 
-    monkeypatch.setattr(onnx_backend, "run_onnx", off_by_a_little)
+    monkeypatch.setattr(onnx_backend, "run_onnx_split", off_by_a_little)
     out = tmp_path / "segment"
     assert main(["--model", "tiny-llama", "--split", "1", "--ranks", "q=2", "--batch", "1", "--seq", "4",
                  "--format", "onnx", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "onnx artifact does not match PyTorch eager autograd" in err
+    assert "onnx artifact's forward + backward does not match PyTorch eager autograd" in err
     assert "gradients: max error 1.00e-03" in err and "(worst: 0.q.A)" in err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
@@ -153,6 +177,20 @@ def test_empty_permuted_pass_keeps_the_values():
     assert torch.allclose(ep.module()(x), x + 1)
 
 
+def test_small_powers_pass_keeps_the_values():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.pow(1) + x.pow(2) + x.pow(3) + x.pow(0.5)
+
+    x = torch.rand(3, 4) + 0.5
+    ep = torch.export.export(M(), (x,))
+    gm = ep.graph_module
+    assert replace_small_powers(gm) == 3
+    powers = [n.args[1] for n in gm.graph.nodes if n.target == torch.ops.aten.pow.Tensor_Scalar]
+    assert powers == [0.5]  # only the power with no exact product form is left
+    assert torch.allclose(ep.module()(x), x + x * x + x * x * x + x.sqrt())
+
+
 def test_cli_help_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -175,3 +213,16 @@ def test_cli_prints_what_it_wrote(tmp_path, capsys):
     manifest = Manifest.load(out)
     assert manifest.split == 2 and set(manifest.artifacts) == {"onnx"}
     assert manifest.ranks == {"0.q": 4, "1.q": 4}
+
+
+def test_server_rebuilds_an_artifact_an_older_exporter_built(tmp_path):
+    """Schema 1 artifacts have no backward half: the cache builds the key again rather than serve one."""
+    cache = ArtifactCache(tmp_path)
+    key = ArtifactKey("tiny-llama", 1, "0.q=2", 16.0, 1, 4, "onnx")
+    old = cache.directory(key.id)
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"schema": "hsplitlora.device-segment/1", "artifacts": {}}))
+    manifest = asyncio.run(cache.ensure(key))
+    assert manifest["schema"] == SCHEMA
+    assert {"forward", "backward"} <= set(manifest["artifacts"]["onnx"]["files"])
+    assert (old / manifest["artifacts"]["onnx"]["files"]["backward"]).is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -82,6 +84,33 @@ def test_step_matches_eager_autograd(config, built, runtime):
     assert set(grads) == set(g_ref)
     assert rel_err(h, h_ref) <= RTOL and grad_err(grads, g_ref) <= RTOL
     assert rel_err(rt.forward(ids, mask), h_ref) <= RTOL
+    # The device's path: the forward keeps its activations, the backward reads them.
+    for each in (rt, ref):
+        h = each.forward(ids, mask, keep=True)
+        grads = each.backward(up)
+        assert set(grads) == set(g_ref)
+        assert rel_err(h, h_ref) <= RTOL and grad_err(grads, g_ref) <= RTOL, each.name
+
+
+@pytest.mark.parametrize("runtime", ["torch", *ARTIFACT_RUNTIMES])
+def test_backward_needs_its_own_forward(config, built, runtime):
+    out, manifest = built
+    rt = eager(config) if runtime == "torch" else open_runtime(runtime, out)
+    ids, mask, up = batch(dims(manifest), seed=4)
+    with pytest.raises(RuntimeError, match="forward\(..., keep=True\) first"):
+        rt.backward(up)
+    rt.forward(ids, mask, keep=True)
+    rt.backward(up)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        rt.backward(up)
+    rt.forward(ids, mask, keep=True)
+    rt.forward(ids, mask)  # a forward that keeps nothing drops what the last one kept
+    with pytest.raises(RuntimeError, match="keep=True"):
+        rt.backward(up)
+    if runtime != "torch":
+        rt.forward(ids, mask, keep=True)
+        with pytest.raises(ValueError, match="upstream_grad has shape"):
+            rt.backward(up[:, :-1])
 
 
 @pytest.mark.parametrize("runtime", ARTIFACT_RUNTIMES)
@@ -102,15 +131,16 @@ def test_adamw_steps_end_where_eager_torch_ends(config, built, runtime):
         for p, g in zip(params, g_ref.values()):
             p.grad = g
         torch_opt.step()
-        h, grads = rt.step(ids, mask, up)
+        h = rt.forward(ids, mask, keep=True)  # as the client trains
+        grads = rt.backward(up)
         sdk_opt.step(rt.lora_tensors(), grads)
         assert rel_err(h, h_ref) <= RTOL, f"step {s}: h differs"
     final, want = rt.lora_tensors(), ref.lora_tensors()
     for key in want:
         # A few fp32 steps of Adam amplify 1e-7 gradient differences where v is tiny: 1e-5 relative.
         assert rel_err(final[key], want[key]) <= 1e-5, key
-    # `forward` sees the optimizer's in-place updates (ExecuTorch feeds the live tensors to its
-    # forward-only method; a copy made at load would still hold the starting values).
+    # `forward` and `backward` see the optimizer's in-place updates (ExecuTorch feeds the live
+    # tensors to its split methods; a copy made at load would still hold the starting values).
     ids, mask, _ = batch(dims(manifest), seed=200)
     assert rel_err(rt.forward(ids, mask), ref.forward(ids, mask)) <= 1e-5
 
@@ -158,6 +188,16 @@ def test_corrupted_artifact_is_refused(built, runtime, tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         open_runtime(runtime, directory)
+
+
+def test_an_artifact_of_an_older_schema_is_refused(built, tmp_path):
+    out, _ = built
+    directory = copy_export(out, tmp_path / "segment")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["schema"] = "hsplitlora.device-segment/1"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="export the segment again"):
+        open_runtime("onnxruntime", directory)
 
 
 def test_fixed_shapes_are_explained(built):

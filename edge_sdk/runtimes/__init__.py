@@ -6,9 +6,11 @@
 
 A training step on the device:
 
-    h = rt.forward(ids, mask)                   # send h, receive dL/dh from the server
-    h, grads = rt.step(ids, mask, dL_dh)        # joint forward-backward
+    h = rt.forward(ids, mask, keep=True)        # keeps the activations; send h, receive dL/dh
+    grads = rt.backward(dL_dh)                  # the LoRA gradients from the kept activations
     opt.step(rt.lora_tensors(), grads)          # AdamW in place (edge_sdk.runtimes.optim)
+
+`rt.step(ids, mask, dL_dh)` does both at once where dL/dh is known up front.
 
 Artifacts come from `hsplitlora export` (docs/export.md).
 """

@@ -23,7 +23,7 @@ from hsplitlora.hashing import sha256_file
 from hsplitlora.lora import init_generator, initial_A
 
 MANIFEST = "manifest.json"
-SCHEMA = "hsplitlora.device-segment/1"
+SCHEMA = "hsplitlora.device-segment/2"
 
 
 class ArtifactError(RuntimeError):
@@ -41,8 +41,25 @@ class DeviceRuntime(ABC):
         """h and the gradient of sum(h * upstream_grad) w.r.t. every LoRA tensor."""
 
     @abstractmethod
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """h alone (what the device sends before it knows dL/dh)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep: bool = False) -> torch.Tensor:
+        """h (what the device sends before it knows dL/dh). With keep=True the runtime also keeps
+        what `backward` needs (the activations), until that backward."""
+
+    @abstractmethod
+    def backward(self, upstream_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradient of sum(h * upstream_grad) w.r.t. every LoRA tensor, for the h of the last
+        `forward(..., keep=True)`, from the activations it kept (the forward does not run again);
+        releases them. The LoRA tensors must not change in between: step the optimizer after this.
+        """
+
+    def _keep(self, kept) -> None:
+        self._kept = kept
+
+    def _take_kept(self):
+        kept, self._kept = getattr(self, "_kept", None), None
+        if kept is None:
+            raise RuntimeError("backward() needs a forward(..., keep=True) first (one backward per forward)")
+        return kept
 
     @abstractmethod
     def lora_tensors(self) -> dict[str, torch.Tensor]:
@@ -120,7 +137,8 @@ def read_manifest(directory: Path, fmt: str, verify_hashes: bool = True) -> dict
         raise ArtifactError(f"{directory} holds no {MANIFEST}: not an export directory (hsplitlora export)")
     manifest = json.loads(path.read_text())
     if manifest.get("schema") != SCHEMA:
-        raise ArtifactError(f"{path}: schema {manifest.get('schema')!r}, this SDK reads {SCHEMA!r}")
+        raise ArtifactError(f"{path}: schema {manifest.get('schema')!r}, this SDK reads {SCHEMA!r}: "
+                            "export the segment again (hsplitlora export) or let the server rebuild it")
     if fmt not in manifest["artifacts"]:
         raise ArtifactError(f"{directory} has no {fmt} artifact (it has {sorted(manifest['artifacts'])})")
     if verify_hashes:
@@ -142,8 +160,14 @@ def check_inputs(manifest: dict, input_ids, attention_mask, upstream_grad=None) 
         if tuple(t.shape) != want:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; this artifact was exported for (batch, seq) = "
                              f"{want}: pad or cut batches to it, or export again")
-    if upstream_grad is not None and tuple(upstream_grad.shape) != (*want, manifest["hidden"]):
-        raise ValueError(f"upstream_grad has shape {tuple(upstream_grad.shape)}, expected {(*want, manifest['hidden'])}")
+    if upstream_grad is not None:
+        check_grad(manifest, upstream_grad)
+
+
+def check_grad(manifest: dict, upstream_grad) -> None:
+    want = (manifest["batch"], manifest["seq"], manifest["hidden"])
+    if tuple(upstream_grad.shape) != want:
+        raise ValueError(f"upstream_grad has shape {tuple(upstream_grad.shape)}, expected {want}")
 
 
 def patch_frozen_weights(directory: Path, manifest: dict, fmt: str, deltas: dict[str, torch.Tensor]) -> None:

@@ -2,11 +2,11 @@
 
 `executorch.extension.training.TrainingModule` runs the joint method "forward" and exposes the
 live LoRA tensors (loaded from the .ptd) and their gradients by parameter FQN; the manifest maps
-FQNs to '0.q.A' keys. `forward` runs the program's forward-only method ("forward_h", named in the
-manifest's `methods`), fed those live tensors. The runtime only exposes its tensors after a first
-call, so loading runs one warm-up step. Only SGD ships in the runtime: AdamW runs in SDK code over
-the live tensors.
-A merged update is written into the .pte in place and the program is reloaded (the LoRA values
+FQNs to '0.q.A' keys. A training step runs the program's "forward_h" method (h and the activations
+the backward reads) and then "backward_h" (the gradients from those and dL/dh), both fed the live
+LoRA tensors (method names from the manifest's `methods`); `step` runs the joint method. The
+runtime only exposes its tensors after a first call, so loading runs one warm-up step. Only SGD
+ships in the runtime: AdamW runs in SDK code over the live tensors. A merged update is written into the .pte in place and the program is reloaded (the LoRA values
 are carried over). Pinned to executorch 1.4.1 (the training API is experimental).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from edge_sdk.runtimes.base import DeviceRuntime, check_inputs, patch_frozen_weights, read_manifest
+from edge_sdk.runtimes.base import DeviceRuntime, check_grad, check_inputs, patch_frozen_weights, read_manifest
 
 FORMAT = "pte"
 
@@ -31,9 +31,8 @@ class ExecuTorchRuntime(DeviceRuntime):
         self.manifest = read_manifest(self.directory, FORMAT, verify_hashes)
         self.artifact = self.manifest["artifacts"][FORMAT]
         self.fqns = self.manifest["lora_fqns"]
-        methods = self.artifact.get("methods") or {"step": "forward"}  # older exports: the joint method only
-        self.step_method, self.forward_method = methods["step"], methods.get("forward")
-        self._order = [t["name"] for t in self.manifest["lora"]]  # the forward method's LoRA inputs
+        self.methods = self.artifact["methods"]
+        self._order = [t["name"] for t in self.manifest["lora"]]  # the split methods' LoRA inputs
         self._open()
 
     def _open(self) -> None:
@@ -46,31 +45,43 @@ class ExecuTorchRuntime(DeviceRuntime):
             self.module = TrainingModule(_load_for_executorch(str(self.directory / files["program"]),
                                                               str(self.directory / files["lora"])))
         b, t, d = self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"]
-        self.module.forward_backward(self.step_method, (torch.zeros(b, t, dtype=torch.long),
-                                                        torch.ones(b, t, dtype=torch.long), torch.zeros(b, t, d)))
+        self.module.forward_backward(self.methods["step"], (torch.zeros(b, t, dtype=torch.long),
+                                                            torch.ones(b, t, dtype=torch.long), torch.zeros(b, t, d)))
         params = self.module.named_parameters()
         missing = set(self.fqns.values()) - set(params)
         if missing:
             raise RuntimeError(f"the program's trainable tensors lack {sorted(missing)}")
         self._lora = {key: params[fqn] for key, fqn in self.fqns.items()}
 
+    def _live(self) -> list[torch.Tensor]:
+        return [self._lora[key] for key in self._order]
+
     def step(self, input_ids, attention_mask, upstream_grad):
         input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
         upstream_grad = torch.as_tensor(upstream_grad)
         check_inputs(self.manifest, input_ids, attention_mask, upstream_grad)
-        outs = self.module.forward_backward(self.step_method, (input_ids.long(), attention_mask.long(),
-                                                               upstream_grad.detach().float().contiguous()))
+        outs = self.module.forward_backward(self.methods["step"], (input_ids.long(), attention_mask.long(),
+                                                                   upstream_grad.detach().float().contiguous()))
         grads = self.module.named_gradients()
         return outs[1], {key: grads[fqn] for key, fqn in self.fqns.items()}
 
-    def forward(self, input_ids, attention_mask):
-        if self.forward_method is None:  # an export without the forward-only method: the joint one
-            shape = (self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"])
-            return self.step(input_ids, attention_mask, torch.zeros(shape))[0]
+    def forward(self, input_ids, attention_mask, *, keep=False):
+        self._keep(None)
         input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
         check_inputs(self.manifest, input_ids, attention_mask)
-        inputs = (input_ids.long(), attention_mask.long(), *(self._lora[key] for key in self._order))
-        return self.module.model.run_method(self.forward_method, inputs)[0]
+        outputs = self.module.model.run_method(self.methods["forward"],
+                                               (input_ids.long(), attention_mask.long(), *self._live()))
+        if keep:
+            self._keep(outputs[1:])
+        return outputs[0]
+
+    def backward(self, upstream_grad):
+        saved = self._take_kept()
+        upstream_grad = torch.as_tensor(upstream_grad)
+        check_grad(self.manifest, upstream_grad)
+        grads = self.module.model.run_method(self.methods["backward"],
+                                             (upstream_grad.detach().float().contiguous(), *self._live(), *saved))
+        return dict(zip(self._order, grads))
 
     def lora_tensors(self):
         return self._lora

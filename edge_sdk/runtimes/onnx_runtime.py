@@ -2,9 +2,11 @@
 
 The model takes the LoRA factors as inputs and returns h and their gradients, so the runtime
 holds the LoRA tensors itself (fresh adapters until `set_lora_tensors`) and feeds them on every
-call. `forward` runs `device_segment_forward.onnx`, the subgraph that computes h alone. Frozen
-weights live in `device_segment.onnx.data`, shared by both graphs; a merged update is written
-into that file in place and the sessions are rebuilt.
+call. A training step runs `device_segment_forward.onnx` (h and the activations the backward
+reads) and then `device_segment_backward.onnx` (the gradients from those activations and dL/dh);
+`step` runs the joint `device_segment.onnx`. Frozen weights live in `device_segment.onnx.data`,
+shared by the three graphs; a merged update is written into that file in place and the sessions
+are rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk.runtimes.base import DeviceRuntime, check_inputs, fresh_lora, patch_frozen_weights, read_manifest
+from edge_sdk.runtimes.base import (DeviceRuntime, check_grad, check_inputs, fresh_lora, patch_frozen_weights,
+                                   read_manifest)
 
 FORMAT = "onnx"
 
@@ -42,44 +45,63 @@ class OnnxRuntime(DeviceRuntime):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         files = self.artifact["files"]
-        self.session = self._ort.InferenceSession(str(self.directory / files["program"]), options,
-                                                  providers=["CPUExecutionProvider"])
-        self._outputs = [o.name for o in self.session.get_outputs()]
-        # The forward-only graph shares the weight file (ORT maps it: little extra memory).
-        self.forward_session = None
-        if "forward" in files:
-            self.forward_session = self._ort.InferenceSession(str(self.directory / files["forward"]), options,
-                                                              providers=["CPUExecutionProvider"])
 
-    def _feeds(self, input_ids, attention_mask, upstream_grad) -> dict[str, np.ndarray]:
+        def session(role: str):
+            return self._ort.InferenceSession(str(self.directory / files[role]), options,
+                                              providers=["CPUExecutionProvider"])
+
+        # The three graphs share the weight file (ORT maps it: little extra memory).
+        self.session, self.forward_session, self.backward_session = (session(r) for r in ("program", "forward", "backward"))
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._saved = [o.name for o in self.forward_session.get_outputs()[1:]]
+
+    def _feeds(self, input_ids, attention_mask, upstream_grad=None) -> dict[str, np.ndarray]:
         input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
-        upstream_grad = torch.as_tensor(upstream_grad)
         check_inputs(self.manifest, input_ids, attention_mask, upstream_grad)
         feeds = {"input_ids": input_ids.numpy().astype(np.int64, copy=False),
-                 "attention_mask": attention_mask.numpy().astype(np.int64, copy=False),
-                 "upstream_grad": upstream_grad.detach().float().numpy()}
-        feeds.update({f"lora.{k}": v.numpy() for k, v in self._lora.items()})
+                 "attention_mask": attention_mask.numpy().astype(np.int64, copy=False)}
+        if upstream_grad is not None:
+            feeds["upstream_grad"] = _float_array(upstream_grad)
+        feeds.update(self._lora_feeds())
         return feeds
 
-    def step(self, input_ids, attention_mask, upstream_grad):
-        values = dict(zip(self._outputs, self.session.run(None, self._feeds(input_ids, attention_mask, upstream_grad))))
-        h = torch.from_numpy(values["h"])
-        return h, {k: torch.from_numpy(values[self.artifact["gradients"][k]]) for k in self._lora}
+    def _lora_feeds(self) -> dict[str, np.ndarray]:
+        return {f"lora.{k}": v.numpy() for k, v in self._lora.items()}
 
-    def forward(self, input_ids, attention_mask):
-        shape = (self.manifest["batch"], self.manifest["seq"], self.manifest["hidden"])
-        feeds = self._feeds(input_ids, attention_mask, torch.zeros(shape))
-        if self.forward_session is None:  # an artifact without the forward graph: the joint one
-            return torch.from_numpy(self.session.run(["h"], feeds)[0])
-        del feeds["upstream_grad"]
-        return torch.from_numpy(self.forward_session.run(["h"], feeds)[0])
+    def _gradients(self, values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(values[self.artifact["gradients"][k]]) for k in self._lora}
+
+    def step(self, input_ids, attention_mask, upstream_grad):
+        values = dict(zip(self._outputs, self.session.run(None, self._feeds(input_ids, attention_mask,
+                                                                            torch.as_tensor(upstream_grad)))))
+        return torch.from_numpy(values["h"]), self._gradients(values)
+
+    def forward(self, input_ids, attention_mask, *, keep=False):
+        self._keep(None)
+        outputs = self.forward_session.run(None if keep else ["h"], self._feeds(input_ids, attention_mask))
+        if keep:
+            self._keep(dict(zip(self._saved, outputs[1:])))
+        return torch.from_numpy(outputs[0])
+
+    def backward(self, upstream_grad):
+        saved = self._take_kept()
+        upstream_grad = torch.as_tensor(upstream_grad)
+        check_grad(self.manifest, upstream_grad)
+        names = list(self.artifact["gradients"].values())
+        grads = self.backward_session.run(names, {"upstream_grad": _float_array(upstream_grad),
+                                                  **self._lora_feeds(), **saved})
+        return self._gradients(dict(zip(names, grads)))
 
     def lora_tensors(self):
         return self._lora
 
     def _merge(self, deltas):
-        self.session = self.forward_session = None  # release the mapped weight file before patching
+        self.session = self.forward_session = self.backward_session = None  # release the mapped weights
         try:
             patch_frozen_weights(self.directory, self.manifest, FORMAT, deltas)
         finally:
             self._open()
+
+
+def _float_array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()

@@ -51,9 +51,21 @@ class TorchRuntime(DeviceRuntime):
             grads = torch.autograd.grad((h * torch.as_tensor(upstream_grad)).sum(), params)
         return h.detach(), dict(zip(self._params, grads))
 
-    @torch.no_grad()
-    def forward(self, input_ids, attention_mask):
-        return self.segment(torch.as_tensor(input_ids), torch.as_tensor(attention_mask))
+    def forward(self, input_ids, attention_mask, *, keep=False):
+        self._keep(None)
+        with torch.set_grad_enabled(keep):
+            if keep:
+                for p in self._params.values():
+                    p.requires_grad_(True)
+            h = self.segment(torch.as_tensor(input_ids), torch.as_tensor(attention_mask))
+        if keep:
+            self._keep(h)  # autograd's graph holds the activations
+        return h.detach()
+
+    def backward(self, upstream_grad):
+        h = self._take_kept()
+        grads = torch.autograd.grad(h, list(self._params.values()), torch.as_tensor(upstream_grad))
+        return dict(zip(self._params, grads))
 
     def lora_tensors(self):
         return {k: p.data for k, p in self._params.items()}
