@@ -14,6 +14,7 @@ from export import Manifest, onnx_backend, parse_formats
 from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
 from export.manifest import SCHEMA, check_files
+from export.partition import Op, cut
 from export.passes import replace_empty_permuted, replace_small_powers
 from export.testing import cached_build
 from hsplitlora.family import FAMILIES
@@ -226,3 +227,22 @@ def test_server_rebuilds_an_artifact_an_older_exporter_built(tmp_path):
     assert manifest["schema"] == SCHEMA
     assert {"forward", "backward"} <= set(manifest["artifacts"]["onnx"]["files"])
     assert (old / manifest["artifacts"]["onnx"]["files"]["backward"]).is_file()
+
+
+def test_the_cut_saves_activations_and_recomputes_the_rest():
+    """A toy graph: x = embed(ids, W); y = x @ Wt (Wt = transpose(W)); h = view(y); the backward
+    reads view(x), Wt and dL/dh."""
+    ops = [
+        Op(("ids", "W"), ("x",)),                 # 0: depends on the tokens
+        Op(("W",), ("Wt",), view=True),          # 1: a weight transpose, no token in it
+        Op(("x", "Wt"), ("y",)),                 # 2
+        Op(("y",), ("h",), view=True),           # 3
+        Op(("x",), ("xv",), view=True),          # 4: a view of x the backward reads
+        Op(("dh", "xv", "Wt"), ("grad",)),       # 5
+    ]
+    parts = cut(ops, "h", ["grad"], {"ids"})
+    assert parts.forward == [0, 1, 2, 3]
+    assert parts.saved == ["x"]  # the base, not its view; not the weight transpose
+    assert parts.backward == [1, 4, 5]  # the transpose and the view are recomputed
+    with pytest.raises(ValueError, match="reads the graph input 'ids'"):
+        cut([*ops, Op(("ids", "dh"), ("g2",))], "h", ["grad", "g2"], {"ids"})
