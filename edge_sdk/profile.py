@@ -6,10 +6,11 @@ A device sends its profile at registration; the server plans its split and ranks
 - sustained matmul FLOP/s at the model's shapes (tokens x hidden @ hidden x intermediate) in
   fp32, and in fp16/bf16 when the device runs them at least half as fast (None otherwise: a
   dtype the planner should not choose);
-- memory available for training: the smaller of the kernel's MemAvailable and what a cgroup
-  limit leaves, times `memory_fraction` (default 0.8: the rest stays for the OS, the page cache
-  and other apps). It is measured before the model is loaded, while this process holds about
-  what the client's runtime will hold, so that runtime is already accounted for;
+- memory available for training: the smaller of the kernel's MemAvailable and what the memory
+  limits of this process's cgroup and its ancestors leave, times `memory_fraction` (default
+  0.8: the rest stays for the OS, the page cache and other apps). It is measured before the
+  model is loaded, while this process holds about what the client's runtime will hold, so that
+  runtime is already accounted for;
 - for the model at hand at (batch, seq): one block's forward + backward seconds, frozen and with
   every projection adapted; the bytes autograd keeps for one frozen block and what adapting each
   projection adds;
@@ -39,6 +40,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from edge_sdk import cgroups
 
 DEFAULT_BATCH, DEFAULT_SEQ = 4, 128  # the server's defaults (server/config.py)
 LORA_PROBE_RANK = 8
@@ -131,27 +134,12 @@ def _meminfo_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _cgroup_headroom() -> int | None:
-    """What a cgroup memory limit leaves (v2, then v1), or None when there is no limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        # v1 writes "no limit" as a huge number rather than "max".
-        if limit != "max" and int(limit) < 1 << 60:
-            return max(int(limit) - usage, 0)
-    return None
-
-
 def available_memory() -> int:
-    """Bytes this device can still give a process: MemAvailable, bounded by a cgroup limit."""
+    """Bytes this device can still give a process: MemAvailable, bounded by what the limits of this
+    process's cgroup and its ancestors leave (`edge_sdk.cgroups.headroom`)."""
     available = _meminfo_available()
-    headroom = _cgroup_headroom()
-    return available if headroom is None else min(available, headroom)
+    room = cgroups.headroom()
+    return available if room is None else min(available, room)
 
 
 def process_memory() -> dict[str, int]:

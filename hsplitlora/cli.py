@@ -65,10 +65,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from hsplitlora.demo import DemoConfig, print_demo_report, run_demo
+    from hsplitlora.demo import DemoConfig, DemoError, print_demo_report, run_demo
 
-    result = run_demo(DemoConfig(model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
-                                 local_steps=args.local_steps, max_len=args.max_len, eval=_eval_config(args)))
+    try:
+        result = run_demo(DemoConfig(model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
+                                     local_steps=args.local_steps, max_len=args.max_len,
+                                     max_threads=args.max_threads, step_time_budget=args.step_time_budget or None,
+                                     eval=_eval_config(args)))
+    except DemoError as e:
+        logging.getLogger("hsplitlora").error("%s", e)
+        return 1
     print_demo_report(result)
     _write_json(args.out, result)
     return 0
@@ -201,13 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="a server and several heterogeneous client processes on 127.0.0.1, end to end",
-        description="Start `hsplitlora server` and K `hsplitlora client` processes with heterogeneous memory "
-                    "budgets on 127.0.0.1, fine-tune on non-IID E2E shards with HSplitLoRA, then print the "
-                    "per-client plans, the per-round table and a before/after evaluation.",
+        description="Start `hsplitlora server` and K `hsplitlora client` processes on 127.0.0.1 that differ for "
+                    "real: 1 to --max-threads torch threads each and, where this process may create cgroups "
+                    "(root, or a delegated cgroup v2 subtree), a memory cgroup each, capped at what its runtime "
+                    "holds plus a training budget (the budgets spread 4x); elsewhere the clients declare those "
+                    "budgets. Each client profiles itself and the server plans its split and ranks from that "
+                    "profile; fine-tune on non-IID E2E shards with HSplitLoRA, then print what each client had "
+                    "and measured with its plan, the per-round table and a before/after evaluation.",
     )
     _model_arg(demo)
     demo.add_argument("--data", type=Path, default=default_e2e_dir(), help="E2E directory or JSONL (default: %(default)s)")
     _federation_args(demo)
+    demo.add_argument("--max-threads", type=int, default=2,
+                      help="clients get 1, 2, ... up to this many torch threads, in turn (default: %(default)s)")
+    demo.add_argument("--step-time-budget", type=float, default=1.2, metavar="SECONDS",
+                      help="seconds of one device step every client accepts, predicted from its profile; 0 for none "
+                           "(default: %(default)s)")
     _eval_args(demo)
     demo.set_defaults(func=_demo)
 
