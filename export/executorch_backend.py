@@ -33,11 +33,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.export.graph_signature import InputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from export.joint import JointProgram, example_inputs
+from export.joint import GraphCall, JointProgram, example_inputs
 from export.partition import Op, cut
 
 PTE_FILE = "device_segment.pte"
@@ -58,20 +56,6 @@ _VIEWS = {getattr(torch.ops.aten, name).default for name in ("view", "_unsafe_vi
     torch.ops.aten.transpose.int, torch.ops.aten.select.int}
 
 
-class _Half(nn.Module):
-    """One half of the cut joint graph as a module: frozen tensors as buffers, the rest as arguments."""
-
-    def __init__(self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]], frozen: dict[str, torch.Tensor]):
-        super().__init__()
-        self.graph = graph
-        self._sources = sources  # per placeholder: ("arg", position) or ("buffer", name)
-        for name, value in frozen.items():
-            self.register_buffer(name, value)
-
-    def forward(self, *args):
-        return self.graph(*(args[i] if kind == "arg" else getattr(self, i) for kind, i in self._sources))
-
-
 def export_halves(joint: JointProgram) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
     """The joint graph cut at the saved activations (export.partition), each half re-exported:
 
@@ -81,22 +65,19 @@ def export_halves(joint: JointProgram) -> tuple[torch.export.ExportedProgram, to
     The frozen tensors are the joint program's own (not copies), so the lowering stores them once
     for every method.
     """
-    ep = joint.program
-    gm = ep.graph_module
+    gm = joint.program.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     keys = list(joint.lora_fqns)
-    key_of = {fqn: key for key, fqn in joint.lora_fqns.items()}
     users, lora, frozen = [], {}, {}
-    for node, spec in zip(placeholders, ep.graph_signature.input_specs):
-        if spec.kind == InputKind.USER_INPUT:
+    for node, role in zip(placeholders, joint.input_roles()):
+        if role[0] == "user":
             users.append(node)
-        elif spec.target in key_of:
-            lora[node] = keys.index(key_of[spec.target])
+        elif role[0] == "lora":
+            lora[node] = keys.index(role[1])
         else:
-            value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
-            frozen[node] = (spec.target.replace(".", "__"), value.detach())
+            frozen[node] = role[1:]
     ids, mask, upstream = users
     h = outputs[joint.h_output]
     grads = [outputs[joint.gradient_outputs[k]] for k in keys]
@@ -114,7 +95,7 @@ def export_halves(joint: JointProgram) -> tuple[torch.export.ExportedProgram, to
         if not isinstance(node.meta.get("val"), torch.Tensor):
             raise RuntimeError(f"the backward reads {node.name} ({node.target}), which is not a tensor: cannot cut here")
 
-    def half(ops_in: list[int], args: list, results: list) -> _Half:
+    def half(ops_in: list[int], args: list, results: list) -> GraphCall:
         graph, env, sources, buffers = torch.fx.Graph(), {}, [], {}
         picked = [node for i in ops_in for node in groups[i]]
         read = {a for node in picked for a in node.all_input_nodes} | set(results)
@@ -141,13 +122,13 @@ def export_halves(joint: JointProgram) -> tuple[torch.export.ExportedProgram, to
                                             {"memory_format": torch.contiguous_format})
             returned.append(value)
         graph.output(tuple(returned))
-        return _Half(torch.fx.GraphModule(gm, graph), sources, buffers)
+        return GraphCall(torch.fx.GraphModule(gm, graph), sources, buffers)
 
     lora_nodes = sorted(lora, key=lora.get)
     forward = half(parts.forward, [ids, mask, *lora_nodes], [h, *saved])
     backward = half(parts.backward, [upstream, *lora_nodes, *saved], grads)
     example = example_inputs(joint.batch, joint.seq, joint.hidden, joint.vocab)
-    factors = [ep.state_dict[joint.lora_fqns[k]].detach().clone() for k in keys]
+    factors = [joint.program.state_dict[joint.lora_fqns[k]].detach().clone() for k in keys]
     with sdpa_kernel([SDPBackend.MATH]):
         forward_ep = torch.export.export(forward, (*example[:2], *factors), strict=False)
         activations = tuple(v.clone() for v in forward(*example[:2], *factors)[1:])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.export.experimental import _export_forward_backward
-from torch.export.graph_signature import OutputKind
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from export.passes import prepare_joint
@@ -103,11 +103,52 @@ class JointProgram:
                 out[by_fqn[spec.target]] = i
         return out
 
+    def input_roles(self) -> list[tuple]:
+        """Per placeholder of the graph, in order: ("user", i) for the i-th of USER_INPUTS,
+        ("lora", key), or ("frozen", buffer name, tensor) for a frozen parameter, buffer or constant."""
+        ep = self.program
+        key_of = {fqn: key for key, fqn in self.lora_fqns.items()}
+        roles, users = [], 0
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                roles.append(("user", users))
+                users += 1
+            elif spec.target in key_of:
+                roles.append(("lora", key_of[spec.target]))
+            else:
+                value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+                roles.append(("frozen", spec.target.replace(".", "__"), value.detach()))
+        if users != len(USER_INPUTS):
+            raise RuntimeError(f"the joint graph takes {users} user inputs, expected {len(USER_INPUTS)}")
+        return roles
+
     @property
     def h_output(self) -> int:
         kinds = (OutputKind.LOSS_OUTPUT, OutputKind.USER_OUTPUT)
         users = [i for i, s in enumerate(self.program.graph_signature.output_specs) if s.kind in kinds]
         return users[1]  # (loss, h)
+
+
+class GraphCall(nn.Module):
+    """A graph module called with positional arguments, its frozen tensors held as buffers (so the
+    back ends see them as weights: ONNX initializers, ExecuTorch constants).
+
+    `sources` gives, per placeholder of the graph, ("arg", position) or ("buffer", name);
+    `outputs`, when given, picks and orders the graph's outputs.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]],
+                 frozen: dict[str, torch.Tensor], outputs: list[int] | None = None):
+        super().__init__()
+        self.graph = graph
+        self._sources = sources
+        self._outputs = outputs
+        for name, value in frozen.items():
+            self.register_buffer(name, value)
+
+    def forward(self, *args):
+        outs = self.graph(*(args[i] if kind == "arg" else getattr(self, i) for kind, i in self._sources))
+        return outs if self._outputs is None else tuple(outs[i] for i in self._outputs)
 
 
 def example_inputs(batch: int, seq: int, hidden: int, vocab: int, seed: int = 0

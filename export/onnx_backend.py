@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.export.graph_signature import InputKind
 
-from export.joint import USER_INPUTS, JointProgram, example_inputs
+from export.joint import USER_INPUTS, GraphCall, JointProgram, example_inputs
 from export.partition import Op, cut
 
 ONNX_FILE = "device_segment.onnx"
@@ -37,46 +35,27 @@ def grad_output_name(key: str) -> str:
     return f"grad.{key}"
 
 
-class JointModule(nn.Module):
+def joint_module(joint: JointProgram) -> GraphCall:
     """`forward(input_ids, attention_mask, upstream_grad, *lora) -> (h, *grads)` over the joint graph."""
-
-    def __init__(self, joint: JointProgram):
-        super().__init__()
-        ep = joint.program
-        self.graph = ep.graph_module
-        keys = list(joint.lora_fqns)
-        key_of = {fqn: key for key, fqn in joint.lora_fqns.items()}
-        self._plan: list[tuple[str, object]] = []
-        n_user = 0
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
-                self._plan.append(("user", n_user))
-                n_user += 1
-            elif spec.target in key_of:
-                self._plan.append(("lora", keys.index(key_of[spec.target])))
-            else:
-                value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
-                name = spec.target.replace(".", "__")
-                self.register_buffer(name, value.detach().clone())
-                self._plan.append(("buffer", name))
-        if n_user != len(USER_INPUTS):
-            raise RuntimeError(f"the joint graph takes {n_user} user inputs, expected {len(USER_INPUTS)}")
-        grads = joint.gradient_outputs
-        self._outputs = [joint.h_output] + [grads[k] for k in keys]
-
-    def forward(self, input_ids, attention_mask, upstream_grad, *lora):
-        user = (input_ids, attention_mask, upstream_grad)
-        args = [user[i] if kind == "user" else lora[i] if kind == "lora" else getattr(self, i)
-                for kind, i in self._plan]
-        outs = self.graph(*args)
-        return tuple(outs[i] for i in self._outputs)
+    keys = list(joint.lora_fqns)
+    sources, frozen = [], {}
+    for role in joint.input_roles():
+        if role[0] == "user":
+            sources.append(("arg", role[1]))
+        elif role[0] == "lora":
+            sources.append(("arg", len(USER_INPUTS) + keys.index(role[1])))
+        else:
+            sources.append(("buffer", role[1]))
+            frozen[role[1]] = role[2].clone()
+    grads = joint.gradient_outputs
+    return GraphCall(joint.program.graph_module, sources, frozen, [joint.h_output, *(grads[k] for k in keys)])
 
 
 def export_onnx(joint: JointProgram, out_dir: Path, lora_init: dict[str, torch.Tensor]) -> list[Path]:
     """Write device_segment.onnx (+ .data) into out_dir; returns the files written."""
     import onnx
 
-    module = JointModule(joint).eval()
+    module = joint_module(joint).eval()
     keys = list(joint.lora_fqns)
     args = (*example_inputs(joint.batch, joint.seq, joint.hidden, joint.vocab), *(lora_init[k] for k in keys))
     path = out_dir / ONNX_FILE
@@ -129,14 +108,18 @@ def split_joint(path: Path, keys: list[str]) -> tuple[Path, Path]:
     return out
 
 
-def run_onnx(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, upstream_grad: torch.Tensor,
-             lora: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One step through plain onnxruntime (the verification run)."""
+def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, upstream_grad: torch.Tensor,
+             lora: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step through plain onnxruntime (the verification run)."""
+    session = _session(path)
     feeds = {"input_ids": input_ids.numpy().astype(np.int64),
              "attention_mask": attention_mask.numpy().astype(np.int64),
              "upstream_grad": upstream_grad.numpy().astype(np.float32)}
@@ -152,11 +135,7 @@ def run_onnx_split(forward: Path, backward: Path, input_ids: torch.Tensor, atten
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """h from the forward graph, the gradients from the backward graph fed its saved tensors (the
     verification run of the path a device takes)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (forward, backward)]
+    sessions = [_session(p) for p in (forward, backward)]
     factors = {lora_input_name(k): v.detach().numpy().astype(np.float32) for k, v in lora.items()}
     outputs = sessions[0].run(None, {"input_ids": input_ids.numpy().astype(np.int64),
                                      "attention_mask": attention_mask.numpy().astype(np.int64), **factors})
