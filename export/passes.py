@@ -118,9 +118,101 @@ def replace_small_powers(gm: torch.fx.GraphModule) -> int:
     return _recompiled(gm, count)
 
 
+def _is_zeros(node) -> bool:
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and node.target == torch.ops.aten.full.default and node.args[1] == 0)
+
+
+def _zero_scatter(node) -> tuple | None:
+    """(src, dim, start, end, size) if `node` writes src into a zero tensor along dim with step 1."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and node.target == torch.ops.aten.slice_scatter.default and _is_zeros(node.args[0])):
+        return None
+    names = ("dim", "start", "end", "step")
+    values = dict(zip(names, node.args[2:]), **{k: v for k, v in node.kwargs.items() if k in names})
+    if values.get("step", 1) != 1:
+        return None
+    size = node.meta["val"].shape
+    dim = values.get("dim", 0) % len(size)
+    start = values.get("start") or 0
+    end = values.get("end")
+    end = size[dim] if end is None else min(end, size[dim])
+    start, end = (i + size[dim] if i < 0 else i for i in (start, end))
+    return node.args[1], dim, start, end, size[dim]
+
+
+def replace_zero_slice_scatter(gm: torch.fx.GraphModule) -> int:
+    """Rewrite gradients of slices written into zero tensors without the scatter.
+
+    The backward of `x[..., a:b]` is `slice_scatter(zeros, g, dim, a, b)`; rotary embeddings
+    (`cat(-x2, x1)`) sum two of them that tile the whole axis. Both runtimes take slice_scatter
+    slowly (onnxruntime: a ScatterND between two full transposes, 8 % of a SmolLM2 backward at
+    k=2). Such a sum becomes `cat(lower, upper, dim)`; a lone one a `constant_pad_nd`. Returns the
+    number of nodes rewritten.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.add.Tensor or len(node.args) != 2:
+            continue
+        parts = [_zero_scatter(a) for a in node.args]
+        if None in parts or node.kwargs.get("alpha", 1) != 1 or parts[0][1] != parts[1][1]:
+            continue
+        (lo_src, dim, lo_start, lo_end, size), (hi_src, _, hi_start, hi_end, _) = sorted(parts, key=lambda p: p[2])
+        if not (lo_start == 0 and lo_end == hi_start and hi_end == size):
+            continue
+        with graph.inserting_before(node):
+            cat = graph.call_function(torch.ops.aten.cat.default, ([lo_src, hi_src], dim))
+        cat.meta.update(node.meta)
+        node.replace_all_uses_with(cat)
+        graph.erase_node(node)
+        count += 1
+    for node in list(graph.nodes):
+        scatter = _zero_scatter(node)
+        if scatter is None:
+            continue
+        src, dim, start, end, size = scatter
+        if node.users:  # else it was half of a pair
+            pad = [0, 0] * (node.meta["val"].dim() - 1 - dim) + [start, size - end]
+            with graph.inserting_before(node):
+                padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (src, pad, 0.0))
+            padded.meta.update(node.meta)
+            node.replace_all_uses_with(padded)
+            count += 1
+        zeros = node.args[0]
+        graph.erase_node(node)
+        if not zeros.users:
+            graph.erase_node(zeros)
+    return _recompiled(gm, count)
+
+
+def remove_multiply_by_one(gm: torch.fx.GraphModule) -> int:
+    """Drop `x * 1`: autograd scales a LoRA gradient by alpha / rank, which is 1 when alpha equals
+    the rank (rank 16, alpha 16), leaving an activation-sized multiply that no runtime removes.
+    Only where the product has x's dtype and shape. Returns the number of nodes removed.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar):
+            continue
+        x, factor = node.args
+        if not isinstance(x, torch.fx.Node) or isinstance(factor, torch.fx.Node) or factor != 1:
+            continue
+        val, x_val = node.meta.get("val"), x.meta.get("val")
+        if val is None or x_val is None or val.dtype != x_val.dtype or val.shape != x_val.shape:
+            continue
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+        count += 1
+    return _recompiled(gm, count)
+
+
 def prepare_joint(ep: ExportedProgram) -> ExportedProgram:
     """All passes the joint forward-backward program needs before either back end (in place)."""
     replace_empty_permuted(ep.graph_module)
     replace_negative_pad(ep.graph_module)
     replace_small_powers(ep.graph_module)
+    replace_zero_slice_scatter(ep.graph_module)
+    remove_multiply_by_one(ep.graph_module)
     return ep

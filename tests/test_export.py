@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.export.experimental import _export_forward_backward
 
 import export
 from export import Manifest, onnx_backend, parse_formats
@@ -15,7 +16,7 @@ from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
 from export.manifest import SCHEMA, check_files
 from export.partition import Op, cut
-from export.passes import replace_empty_permuted, replace_small_powers
+from export.passes import remove_multiply_by_one, replace_empty_permuted, replace_small_powers, replace_zero_slice_scatter
 from export.testing import cached_build
 from hsplitlora.family import FAMILIES
 from hsplitlora.hashing import sha256_file
@@ -190,6 +191,36 @@ def test_small_powers_pass_keeps_the_values():
     powers = [n.args[1] for n in gm.graph.nodes if n.target == torch.ops.aten.pow.Tensor_Scalar]
     assert powers == [0.5]  # only the power with no exact product form is left
     assert torch.allclose(ep.module()(x), x + x * x + x * x * x + x.sqrt())
+
+
+def test_slice_gradient_and_unit_scale_passes_keep_the_gradients():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6))
+            self.u = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            y = x * self.w
+            rotated = torch.cat([-y[..., 3:], y[..., :3]], -1)  # rotary's rotate_half: two slices tiling the axis
+            middle = (x * self.u)[..., 1:4]  # a lone slice
+            return (rotated * x).sum() + (middle * middle * 1.0).sum(), rotated.detach()
+
+    m, x = M(), torch.randn(2, 6)
+    joint = _export_forward_backward(torch.export.export(m, (x,), strict=False))
+    gm = joint.graph_module
+
+    def count(op):
+        return sum(n.target == op for n in gm.graph.nodes)
+
+    assert count(torch.ops.aten.slice_scatter.default) == 3
+    assert replace_zero_slice_scatter(gm) == 2  # the pair as one cat, the lone one as a pad
+    assert count(torch.ops.aten.slice_scatter.default) == 0 and count(torch.ops.aten.constant_pad_nd.default) == 1
+    assert remove_multiply_by_one(gm) >= 1
+    assert not any(n.target == torch.ops.aten.mul.Tensor and n.args[1] == 1 for n in gm.graph.nodes)
+    loss, _, grad_w, grad_u = gm(m.w.detach(), m.u.detach(), x)
+    assert torch.allclose(grad_w, torch.autograd.grad(m(x)[0], m.w)[0])
+    assert torch.allclose(grad_u, torch.autograd.grad(m(x)[0], m.u)[0])
 
 
 def test_cli_help_and_errors(capsys, tmp_path):
