@@ -146,11 +146,16 @@ def export_pte(joint: JointProgram, out_dir: Path) -> list[Path]:
         warnings.filterwarnings("ignore", message=".*experimental.*")
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes.memory_planning_pass import MemoryPlanningPass
 
         edge = to_edge_transform_and_lower(
             {STEP_METHOD: joint.program, FORWARD_METHOD: forward, BACKWARD_METHOD: backward},
             partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)])
-        program = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
+        # The halves' inputs get no planned memory: the runtime reads the caller's tensors in place
+        # instead of copying them in (backward_h's inputs are every saved activation).
+        in_place = {m: MemoryPlanningPass(alloc_graph_input=False) for m in (FORWARD_METHOD, BACKWARD_METHOD)}
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            external_mutable_weights=True, memory_planning_pass={STEP_METHOD: MemoryPlanningPass(), **in_place}))
     data = program._tensor_data or {}  # name -> Cord; write_tensor_data_to_file would name the file
     if len(data) != 1:
         raise RuntimeError(f"expected one .ptd file with the LoRA tensors, ExecuTorch produced {sorted(data)}")

@@ -6,6 +6,8 @@ that is no longer needed is harmless, a new unsupported op shows up as an export
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.export import ExportedProgram
 
@@ -208,6 +210,195 @@ def remove_multiply_by_one(gm: torch.fx.GraphModule) -> int:
     return _recompiled(gm, count)
 
 
+aten = torch.ops.aten
+_ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor}
+_SCALAR_TO_TENSOR = {aten.mul.Scalar: aten.mul.Tensor, aten.add.Scalar: aten.add.Tensor,
+                     aten.div.Scalar: aten.div.Tensor, aten.sub.Scalar: aten.sub.Tensor}
+
+
+def _call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
+    """Insert target(*args) at the graph's insertion point, its meta["val"] computed from the args' vals."""
+    node = graph.call_function(target, args, kwargs or {})
+    vals = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+    node.meta["val"] = target(*vals[0], **vals[1])
+    return node
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _expanded_shape(node: torch.fx.Node) -> tuple | None:
+    """The shape an `expand` node asks for (its -1 entries resolved), if its input has a known shape."""
+    shape = _shape(node.args[0])
+    if shape is None:
+        return None
+    size = list(node.args[1])
+    offset = len(size) - len(shape)
+    return tuple(shape[i - offset] if s == -1 else s for i, s in enumerate(size))
+
+
+def drop_no_op_views(gm: torch.fx.GraphModule) -> int:
+    """Drop `alias` / `detach` (autograd's bookkeeping) and `expand` to the input's own shape.
+
+    Functionally they return their input; ExecuTorch runs each as a copy kernel (alias_copy,
+    expand_copy), 1-2 % of a SmolLM2 step. Returns the number of nodes dropped.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        same = node.target in (aten.alias.default, aten.detach.default) or (
+            node.target == aten.expand.default and _expanded_shape(node) == _shape(node.args[0]))
+        if same:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    return _recompiled(gm, count)
+
+
+def broadcast_instead_of_expand(gm: torch.fx.GraphModule) -> int:
+    """Let elementwise ops broadcast a small tensor instead of materializing its `expand`.
+
+    RMSNorm's backward expands a per-token [B, T, 1] value to [B, T, D], scales it and multiplies
+    it into a [B, T, D] tensor; ExecuTorch copies every expanded element (expand_copy: 6 % of its
+    SmolLM2 backward). A scalar op on the expanded tensor moves before the expand; an expand whose
+    every user is a binary elementwise op with an operand of the expanded shape goes away. Returns
+    the number of rewrites.
+    """
+    graph = gm.graph
+    count = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target != aten.expand.default:
+                continue
+            src, out = node.args[0], _shape(node)
+            if _shape(src) is None or out is None or len(_shape(src)) != len(out):
+                continue
+            users = list(node.users)
+            scalar_op = (len(users) == 1 and users[0].target in (*_ELEMENTWISE, *_SCALAR_TO_TENSOR)
+                         and len(users[0].args) == 2 and users[0].args[0] is node
+                         and not isinstance(users[0].args[1], torch.fx.Node) and not users[0].kwargs)
+            if scalar_op:
+                user = users[0]
+                with graph.inserting_before(user):
+                    small = _call(graph, user.target, (src, user.args[1]))
+                    expanded = _call(graph, aten.expand.default, (small, node.args[1]))
+                user.replace_all_uses_with(expanded)
+                graph.erase_node(user)
+                graph.erase_node(node)
+            elif users and all(u.target in _ELEMENTWISE and len(u.args) == 2 and not u.kwargs
+                               and any(a is not node and _shape(a) == out for a in u.args) for u in users):
+                for user in users:
+                    user.args = tuple(src if a is node else a for a in user.args)
+                graph.erase_node(node)
+            else:
+                continue
+            count += 1
+            changed = True
+            break
+    return _recompiled(gm, count)
+
+
+def drop_unit_loss_seed(gm: torch.fx.GraphModule) -> int:
+    """`expand(ones_like(loss)) * g` -> g: the backward's seed for loss = sum(h * g) is d loss / dh = g,
+    which autograd computes as an activation-sized multiply by ones. Returns the number dropped."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.mul.Tensor:
+            continue
+        for i, ones in enumerate(node.args[:2]):
+            other = node.args[1 - i]
+            if (isinstance(ones, torch.fx.Node) and ones.target == aten.expand.default
+                    and isinstance(ones.args[0], torch.fx.Node) and ones.args[0].target == aten.full_like.default
+                    and ones.args[0].args[1] == 1 and isinstance(other, torch.fx.Node)
+                    and _shape(other) == _shape(node) and other.meta["val"].dtype == node.meta["val"].dtype):
+                node.replace_all_uses_with(other)
+                gm.graph.erase_node(node)
+                count += 1
+                break
+    gm.graph.eliminate_dead_code()
+    return _recompiled(gm, count)
+
+
+def _safe_softmax_parts(where: torch.fx.Node) -> tuple | None:
+    """For `where(!any(!(s == -inf), -1), 0, softmax(s))` with s = scores + where(m, 0, -inf):
+    (the softmax, the -inf scalar_tensor node, the boolean mask m); else None."""
+    try:
+        cond, zeros, probs = where.args
+        any_ = cond.args[0]
+        eq = any_.args[0].args[0]
+        scores = eq.args[0]
+        mask_add = next(a for a in scores.args if isinstance(a, torch.fx.Node) and a.target == aten.where.self)
+        mask, zero, minus_inf = mask_add.args
+        matched = (cond.target == aten.logical_not.default and any_.target == aten.any.dim
+                   and any_.args[1:] in ((-1, True), ([-1], True)) and any_.args[0].target == aten.logical_not.default
+                   and eq.target == aten.eq.Scalar and eq.args[1] == -math.inf
+                   and zeros.target == aten.full_like.default and zeros.args[1] == 0
+                   and probs.target == aten._softmax.default and probs.args[0] is scores and probs.args[1] == -1
+                   and scores.target == aten.add.Tensor
+                   and zero.target == aten.scalar_tensor.default and zero.args[0] == 0
+                   and minus_inf.target == aten.scalar_tensor.default and minus_inf.args[0] == -math.inf
+                   and mask.meta["val"].dtype == torch.bool and _shape(mask)[-2:] == _shape(scores)[-2:])
+    except (AttributeError, IndexError, StopIteration, TypeError, ValueError):
+        return None
+    return (probs, minus_inf, mask) if matched else None
+
+
+def mask_softmax_by_the_mask(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the math attention's safe softmax so that it reads the mask, not every score.
+
+    torch decomposes SDPA's softmax as `where(!any(s != -inf, -1), 0, softmax(s))` over the
+    masked scores s = scores + where(m, 0, -inf): four passes over [B, heads, T, T] to zero the
+    rows the mask hides entirely (ExecuTorch runs them in portable kernels: 14 % of a SmolLM2
+    forward; onnxruntime 4 %). Here the mask adds the float minimum instead of -inf and the
+    softmax is multiplied by `any(m, -1)`, computed once on the [B, 1, T, T] mask. With finite
+    scores the values are the same: exp(min + score - max) is 0 in float32 wherever -inf gave 0,
+    and a fully masked row is multiplied by 0. Returns the number of softmaxes rewritten.
+    """
+    graph = gm.graph
+    count = 0
+    keep_rows = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.where.self:
+            continue
+        parts = _safe_softmax_parts(node)
+        if parts is None:
+            continue
+        probs, minus_inf, mask = parts
+        minus_inf.args = (torch.finfo(probs.meta["val"].dtype).min, *minus_inf.args[1:])
+        minus_inf.meta["val"] = minus_inf.target(*minus_inf.args, **minus_inf.kwargs)
+        if mask not in keep_rows:
+            with graph.inserting_after(mask):
+                any_row = _call(graph, aten.any.dim, (mask, -1, True))
+            with graph.inserting_after(any_row):
+                keep_rows[mask] = _call(graph, aten._to_copy.default, (any_row,), {"dtype": probs.meta["val"].dtype})
+        with graph.inserting_before(node):
+            masked = _call(graph, aten.mul.Tensor, (probs, keep_rows[mask]))
+        node.replace_all_uses_with(masked)
+        graph.erase_node(node)
+        count += 1
+    graph.eliminate_dead_code()
+    return _recompiled(gm, count)
+
+
+def scalar_ops_as_tensor_ops(gm: torch.fx.GraphModule) -> int:
+    """`mul/add/sub/div.Scalar(x, c)` -> the `.Tensor` overload with the same Python scalar.
+
+    XNNPACK's partitioner takes only the `.Tensor` form: the `.Scalar` ones (attention scaling,
+    norm backward) stay in ExecuTorch's portable kernels. Same values. Returns the number renamed.
+    """
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SCALAR_TO_TENSOR:
+            node.target = _SCALAR_TO_TENSOR[node.target]
+            count += 1
+    return _recompiled(gm, count)
+
+
 def prepare_joint(ep: ExportedProgram) -> ExportedProgram:
     """All passes the joint forward-backward program needs before either back end (in place)."""
     replace_empty_permuted(ep.graph_module)
@@ -215,4 +406,9 @@ def prepare_joint(ep: ExportedProgram) -> ExportedProgram:
     replace_small_powers(ep.graph_module)
     replace_zero_slice_scatter(ep.graph_module)
     remove_multiply_by_one(ep.graph_module)
+    drop_unit_loss_seed(ep.graph_module)
+    mask_softmax_by_the_mask(ep.graph_module)
+    drop_no_op_views(ep.graph_module)
+    broadcast_instead_of_expand(ep.graph_module)
+    scalar_ops_as_tensor_ops(ep.graph_module)
     return ep

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.export.experimental import _export_forward_backward
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import export
 from export import Manifest, onnx_backend, parse_formats
@@ -16,7 +17,9 @@ from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
 from export.manifest import SCHEMA, check_files
 from export.partition import Op, cut
-from export.passes import remove_multiply_by_one, replace_empty_permuted, replace_small_powers, replace_zero_slice_scatter
+from export.passes import (broadcast_instead_of_expand, drop_no_op_views, drop_unit_loss_seed, mask_softmax_by_the_mask,
+                           remove_multiply_by_one, replace_empty_permuted, replace_small_powers,
+                           replace_zero_slice_scatter, scalar_ops_as_tensor_ops)
 from export.testing import cached_build
 from hsplitlora.family import FAMILIES
 from hsplitlora.hashing import sha256_file
@@ -221,6 +224,39 @@ def test_slice_gradient_and_unit_scale_passes_keep_the_gradients():
     loss, _, grad_w, grad_u = gm(m.w.detach(), m.u.detach(), x)
     assert torch.allclose(grad_w, torch.autograd.grad(m(x)[0], m.w)[0])
     assert torch.allclose(grad_u, torch.autograd.grad(m(x)[0], m.u)[0])
+
+
+def test_attention_passes_keep_values_and_gradients_with_fully_masked_rows():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+        def forward(self, x, mask, g):
+            q = (x @ self.q).view(2, 6, 2, 4).transpose(1, 2)
+            k = x.view(2, 6, 2, 4).transpose(1, 2)
+            causal = torch.ones(6, 6, dtype=torch.bool).tril()
+            keep = causal[None, None] & mask[:, None, None, :].bool()
+            out = nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=keep) * 0.5
+            h = nn.functional.rms_norm(out.transpose(1, 2).reshape(2, 6, 8), (8,))
+            return (h * g).sum(), h.detach()
+
+    x, g = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # left padding: rows 0-1 see no key
+    m = Attention()
+    with sdpa_kernel([SDPBackend.MATH]):
+        joint = _export_forward_backward(torch.export.export(m, (x, mask, g), strict=False))
+        loss = m(x, mask, g)[0]
+    ref_h, (ref_grad,) = m(x, mask, g)[1], torch.autograd.grad(loss, [m.q])
+    gm = joint.graph_module
+    assert mask_softmax_by_the_mask(gm) == 1
+    assert not any(n.target == torch.ops.aten.eq.Scalar for n in gm.graph.nodes)
+    assert drop_unit_loss_seed(gm) == 1
+    assert drop_no_op_views(gm) >= 1 and broadcast_instead_of_expand(gm) >= 1 and scalar_ops_as_tensor_ops(gm) >= 1
+    assert not any(n.target in (torch.ops.aten.alias.default, torch.ops.aten.mul.Scalar) for n in gm.graph.nodes)
+    _, h, grad = gm(m.q.detach(), x, mask, g)
+    assert torch.equal(h[0, :2], ref_h[0, :2]) and not h.isnan().any()  # the fully masked rows
+    assert torch.allclose(h, ref_h, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
 
 
 def test_cli_help_and_errors(capsys, tmp_path):

@@ -69,11 +69,14 @@ class ExecuTorchRuntime(DeviceRuntime):
         self._keep(None)
         input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
         check_inputs(self.manifest, input_ids, attention_mask)
+        # Uncloned outputs live in the method's planned memory until its next call: h is copied out,
+        # the activations are read by backward() before any next forward (which drops them first).
         outputs = self.module.model.run_method(self.methods["forward"],
-                                               (input_ids.long(), attention_mask.long(), *self._live()))
+                                               (input_ids.long(), attention_mask.long(), *self._live()),
+                                               clone_outputs=False)
         if keep:
             self._keep(outputs[1:])
-        return outputs[0]
+        return outputs[0].clone()
 
     def backward(self, upstream_grad):
         saved = self._take_kept()
