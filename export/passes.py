@@ -11,6 +11,11 @@ import math
 import torch
 from torch.export import ExportedProgram
 
+aten = torch.ops.aten
+_ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor}
+_SCALAR_TO_TENSOR = {aten.mul.Scalar: aten.mul.Tensor, aten.add.Scalar: aten.add.Tensor,
+                     aten.div.Scalar: aten.div.Tensor, aten.sub.Scalar: aten.sub.Tensor}
+
 
 def _recompiled(gm: torch.fx.GraphModule, count: int) -> int:
     """After a pass rewrote `count` nodes: check the graph and regenerate its code (if it changed)."""
@@ -32,14 +37,14 @@ def replace_empty_permuted(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.empty_permuted.default:
+        if node.op != "call_function" or node.target != aten.empty_permuted.default:
             continue
         size, perm = list(node.args[0]), list(node.args[1])
         inverse = [perm.index(i) for i in range(len(perm))]
         kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
         with graph.inserting_before(node):
-            empty = graph.call_function(torch.ops.aten.empty.memory_format, ([size[p] for p in perm],), kwargs)
-            permuted = graph.call_function(torch.ops.aten.permute.default, (empty, inverse))
+            empty = graph.call_function(aten.empty.memory_format, ([size[p] for p in perm],), kwargs)
+            permuted = graph.call_function(aten.permute.default, (empty, inverse))
         for new in (empty, permuted):
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         val = node.meta.get("val")
@@ -62,7 +67,7 @@ def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.constant_pad_nd.default:
+        if node.op != "call_function" or node.target != aten.constant_pad_nd.default:
             continue
         pad = list(node.args[1])
         if all(p >= 0 for p in pad):
@@ -79,13 +84,13 @@ def replace_negative_pad(gm: torch.fx.GraphModule) -> int:
                     continue
                 size = cur_val.shape[dim]
                 start, end = max(-lo, 0), size + min(hi, 0)
-                cur = graph.call_function(torch.ops.aten.slice.Tensor, (cur, dim, start, end))
-                cur_val = torch.ops.aten.slice.Tensor(cur_val, dim, start, end)
+                cur = graph.call_function(aten.slice.Tensor, (cur, dim, start, end))
+                cur_val = aten.slice.Tensor(cur_val, dim, start, end)
                 cur.meta.update({k: v for k, v in node.meta.items() if k != "val"})
                 cur.meta["val"] = cur_val
             rest = [max(p, 0) for p in pad]
             if any(rest):
-                cur = graph.call_function(torch.ops.aten.constant_pad_nd.default, (cur, rest, value))
+                cur = graph.call_function(aten.constant_pad_nd.default, (cur, rest, value))
                 cur.meta.update(node.meta)
         node.replace_all_uses_with(cur)
         graph.erase_node(node)
@@ -104,7 +109,7 @@ def replace_small_powers(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.pow.Tensor_Scalar:
+        if node.op != "call_function" or node.target != aten.pow.Tensor_Scalar:
             continue
         x, exponent = node.args
         if exponent not in (1, 2, 3):
@@ -112,7 +117,7 @@ def replace_small_powers(gm: torch.fx.GraphModule) -> int:
         result = x
         with graph.inserting_before(node):
             for _ in range(int(exponent) - 1):
-                result = graph.call_function(torch.ops.aten.mul.Tensor, (result, x))
+                result = graph.call_function(aten.mul.Tensor, (result, x))
                 result.meta.update(node.meta)
         node.replace_all_uses_with(result)
         graph.erase_node(node)
@@ -122,13 +127,13 @@ def replace_small_powers(gm: torch.fx.GraphModule) -> int:
 
 def _is_zeros(node) -> bool:
     return (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and node.target == torch.ops.aten.full.default and node.args[1] == 0)
+            and node.target == aten.full.default and node.args[1] == 0)
 
 
 def _zero_scatter(node) -> tuple | None:
     """(src, dim, start, end, size) if `node` writes src into a zero tensor along dim with step 1."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and node.target == torch.ops.aten.slice_scatter.default and _is_zeros(node.args[0])):
+            and node.target == aten.slice_scatter.default and _is_zeros(node.args[0])):
         return None
     names = ("dim", "start", "end", "step")
     values = dict(zip(names, node.args[2:]), **{k: v for k, v in node.kwargs.items() if k in names})
@@ -155,7 +160,7 @@ def replace_zero_slice_scatter(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.add.Tensor or len(node.args) != 2:
+        if node.op != "call_function" or node.target != aten.add.Tensor or len(node.args) != 2:
             continue
         parts = [_zero_scatter(a) for a in node.args]
         if None in parts or node.kwargs.get("alpha", 1) != 1 or parts[0][1] != parts[1][1]:
@@ -164,7 +169,7 @@ def replace_zero_slice_scatter(gm: torch.fx.GraphModule) -> int:
         if not (lo_start == 0 and lo_end == hi_start and hi_end == size):
             continue
         with graph.inserting_before(node):
-            cat = graph.call_function(torch.ops.aten.cat.default, ([lo_src, hi_src], dim))
+            cat = graph.call_function(aten.cat.default, ([lo_src, hi_src], dim))
         cat.meta.update(node.meta)
         node.replace_all_uses_with(cat)
         graph.erase_node(node)
@@ -177,7 +182,7 @@ def replace_zero_slice_scatter(gm: torch.fx.GraphModule) -> int:
         if node.users:  # else it was half of a pair
             pad = [0, 0] * (node.meta["val"].dim() - 1 - dim) + [start, size - end]
             with graph.inserting_before(node):
-                padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (src, pad, 0.0))
+                padded = graph.call_function(aten.constant_pad_nd.default, (src, pad, 0.0))
             padded.meta.update(node.meta)
             node.replace_all_uses_with(padded)
             count += 1
@@ -196,7 +201,7 @@ def remove_multiply_by_one(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar):
+        if node.op != "call_function" or node.target not in (aten.mul.Tensor, aten.mul.Scalar):
             continue
         x, factor = node.args
         if not isinstance(x, torch.fx.Node) or isinstance(factor, torch.fx.Node) or factor != 1:
@@ -208,12 +213,6 @@ def remove_multiply_by_one(gm: torch.fx.GraphModule) -> int:
         graph.erase_node(node)
         count += 1
     return _recompiled(gm, count)
-
-
-aten = torch.ops.aten
-_ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor}
-_SCALAR_TO_TENSOR = {aten.mul.Scalar: aten.mul.Tensor, aten.add.Scalar: aten.add.Tensor,
-                     aten.div.Scalar: aten.div.Tensor, aten.sub.Scalar: aten.sub.Tensor}
 
 
 def _call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
@@ -229,16 +228,6 @@ def _shape(node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _expanded_shape(node: torch.fx.Node) -> tuple | None:
-    """The shape an `expand` node asks for (its -1 entries resolved), if its input has a known shape."""
-    shape = _shape(node.args[0])
-    if shape is None:
-        return None
-    size = list(node.args[1])
-    offset = len(size) - len(shape)
-    return tuple(shape[i - offset] if s == -1 else s for i, s in enumerate(size))
-
-
 def drop_no_op_views(gm: torch.fx.GraphModule) -> int:
     """Drop `alias` / `detach` (autograd's bookkeeping) and `expand` to the input's own shape.
 
@@ -250,7 +239,7 @@ def drop_no_op_views(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function":
             continue
         same = node.target in (aten.alias.default, aten.detach.default) or (
-            node.target == aten.expand.default and _expanded_shape(node) == _shape(node.args[0]))
+            node.target == aten.expand.default and _shape(node) is not None and _shape(node) == _shape(node.args[0]))
         if same:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
