@@ -1,6 +1,7 @@
 """Benchmark: one split-learning device step per runtime on SmolLM2-135M segments; writes docs/benchmarks.md.
 
     .venv/bin/python bench/runtimes.py [--splits 2,4,8] [--settings qv8,all16] [--repeats 7] [--threads 1]
+                                       [--processes 3]
 
 For each LoRA setting and split k the device segment is exported to both formats with
 `export.build` (export seconds and file sizes from its manifest), then every runtime runs the
@@ -12,6 +13,10 @@ step the client runs, in one process, interleaved (round-robin repeats, median):
     grads = rt.backward(dL/dh)              eager: autograd; the others: the backward graph / method
 
 each followed by the SDK's AdamW over the LoRA tensors. dL/dh is random (the server's reply).
+The timing runs in --processes fresh processes, one after another: eager's step time varies
+between processes more than within one (the same k=2 step took 185-260 ms in processes started
+minutes apart on the 2-core machine here, onnxruntime's 158-175 ms), so one process is one draw.
+The tables give the median over the processes and the range of their ratios.
 Only the timing runs under the shared lock /tmp/hsplitlora-bench.lock (taken here: do not wrap
 this script in flock(1), the two locks would wait on each other); exports run outside it.
 Raw results go to docs/results/runtimes.json, the tables to the "runtimes" section of
@@ -21,8 +26,10 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -91,7 +98,8 @@ class Step:
 
 
 def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int) -> dict:
-    """Median ms of forward / backward / AdamW / the whole split step per runtime, interleaved."""
+    """Median ms of forward / backward / AdamW / the whole split step per runtime, interleaved in
+    this process."""
     set_threads(threads)
     eager = TorchRuntime.from_model(load_model(model)[0], split, ranks, ALPHA)
     steps = {"eager": Step(eager), "onnxruntime": Step(OnnxRuntime(directory, threads=threads)),
@@ -126,7 +134,30 @@ def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: 
     return {"runtimes": out, "load_average": [round(load_before, 2), round(load_after, 2)]}
 
 
-def run_config(model: str, setting: str, split: int, threads: list[int], repeats: int, work: Path) -> dict:
+def time_in_processes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int,
+                      processes: int) -> dict:
+    """`time_runtimes` in `processes` fresh processes, one at a time; per runtime the median over
+    them of each time, and per-process ratios to eager (their median and range)."""
+    runs = []
+    for _ in range(processes):
+        # spawn, not fork: a fresh interpreter that inherits nothing from this one (which ran the
+        # export: its heap, its threads).
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(time_runtimes, model, split, ranks, directory, threads, repeats).result())
+    out = {}
+    for name in RUNTIMES:
+        rows = [r["runtimes"][name] for r in runs]
+        ratios = [row["ratio_to_eager"] for row in rows]
+        out[name] = {key: round(statistics.median(row[key] for row in rows), 2 if key == "adamw_ms" else 1)
+                     for key in ("forward_ms", "backward_ms", "adamw_ms", "split_step_ms")}
+        out[name].update(ratio_to_eager=round(statistics.median(ratios), 2), ratio_range=[min(ratios), max(ratios)],
+                         split_step_ms_per_process=[row["split_step_ms"] for row in rows])
+    loads = [x for r in runs for x in r["load_average"]]
+    return {"runtimes": out, "load_average": [min(loads), max(loads)], "processes": runs}
+
+
+def run_config(model: str, setting: str, split: int, threads: list[int], repeats: int, processes: int,
+               work: Path) -> dict:
     out_dir = work / f"{setting}-k{split}"
     start = time.perf_counter()
     manifest = export.build(model, split, SETTINGS[setting], alpha=ALPHA, batch=BATCH, seq=SEQ, formats="both",
@@ -141,7 +172,8 @@ def run_config(model: str, setting: str, split: int, threads: list[int], repeats
     }
     with bench_lock():
         for n in threads:
-            result["timing"][str(n)] = time_runtimes(model, split, SETTINGS[setting], out_dir, n, repeats)
+            result["timing"][str(n)] = time_in_processes(model, split, SETTINGS[setting], out_dir, n, repeats,
+                                                         processes)
     print(json.dumps({k: v for k, v in result.items() if k != "artifacts"}, indent=1), flush=True)
     return result
 
@@ -150,12 +182,13 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
-def report(results: list[dict], model: str, repeats: int, threads: list[int]) -> str:
+def report(results: list[dict], model: str, repeats: int, threads: list[int], processes: int) -> str:
     step_rows, part_rows, art_rows = [], [], []
     for r in results:
         for n, t in r["timing"].items():
             rt = t["runtimes"]
-            ratios = (f"**{rt[x]['ratio_to_eager']:.2f}**" for x in RUNTIMES[1:])
+            ratios = (f"**{rt[x]['ratio_to_eager']:.2f}** ({rt[x]['ratio_range'][0]:.2f}-{rt[x]['ratio_range'][1]:.2f})"
+                      for x in RUNTIMES[1:])
             step_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['split_step_ms']:.0f}" for x in RUNTIMES),
                               *ratios, f"{t['load_average'][0]:.1f}-{t['load_average'][1]:.1f}"])
             part_rows.append([r["setting"], r["split"], n, *(f"{rt[x]['forward_ms']:.0f} + {rt[x]['backward_ms']:.0f} + "
@@ -178,11 +211,15 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int]) ->
         f"onnxruntime / ExecuTorch: the forward graph / method returning h and the activations the backward "
         f"reads), then `backward(dL/dh)` (eager: autograd; the others: the backward graph / method), then the "
         f"SDK's AdamW. All runtimes "
-        f"in one process, interleaved, median of {repeats} after 2 warm-up steps, threads "
+        f"in one process, interleaved, median of {repeats} after 2 warm-up steps; that in {processes} fresh "
+        f"processes one after another (eager's speed varies more between processes than within one): times are "
+        f"medians over the processes, ratios the median of the per-process ratios with their range in "
+        f"parentheses. Threads "
         f"{', '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool), under the "
         f"shared timing lock. "
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs; the load average "
-        f"(1 min) before and after the timing says whether other work shared the cores.",
+        f"(1 min, lowest and highest over the processes' starts and ends) says whether other work shared the "
+        f"cores.",
         "",
         table(["setting", "k", "threads", "eager ms", "onnxruntime ms", "ExecuTorch ms", "ORT / eager",
                "ExecuTorch / eager", "load avg"], step_rows),
@@ -209,6 +246,7 @@ def main() -> None:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"LoRA settings from {sorted(SETTINGS)}")
     p.add_argument("--repeats", type=int, default=7, help="timed split steps per runtime (after 2 warm-up)")
     p.add_argument("--threads", default="1", help="thread counts to time, comma-separated (e.g. 1,2)")
+    p.add_argument("--processes", type=int, default=3, help="fresh processes each configuration is timed in")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "runtimes.json")
     p.add_argument("--no-doc", action="store_true", help="write the JSON only, not docs/benchmarks.md")
     args = p.parse_args()
@@ -222,16 +260,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
         for setting in settings:
             for k in splits:
-                results.append(run_config(args.model, setting, k, threads, args.repeats, Path(work)))
+                results.append(run_config(args.model, setting, k, threads, args.repeats, args.processes, Path(work)))
                 # Artifacts of a config are not needed after its timing (up to ~0.5 GB each).
                 for f in (Path(work) / f"{setting}-k{k}").iterdir():
                     f.unlink()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": args.model, "batch": BATCH, "seq": SEQ, "alpha": ALPHA, "repeats": args.repeats,
+        "processes": args.processes,
         "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
         "tools": tool_versions(), "results": results}, indent=1) + "\n")
-    body = report(results, args.model, args.repeats, threads)
+    body = report(results, args.model, args.repeats, threads, args.processes)
     if not args.no_doc:
         replace_section(ROOT / "docs" / "benchmarks.md", "runtimes", body)
     print(body)
