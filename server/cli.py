@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--wire", choices=WIRE_FORMATS, default="fp16", help="activation/gradient format (default: fp16)")
     p.add_argument("--max-request-bytes", type=int, help="refuse larger bodies (default: sized from the model)")
     p.add_argument("--rank-set", default="2,4,8,16", help="ranks the planner chooses from (default: %(default)s)")
+    p.add_argument("--projections",
+                   help="the only projections adapted, on devices and server, comma-separated, e.g. q,v "
+                        "(default: every projection of the model's family, the importance scores choose)")
     p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="... and this private key (PEM)")
     p.set_defaults(func=run)
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, rounds=args.rounds, clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
         local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
         seed=args.seed, wire=args.wire, max_request_bytes=args.max_request_bytes,
-        planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(","))),
+        planner=PlannerConfig(rank_set=tuple(int(r) for r in args.rank_set.split(",")),
+                              candidates=tuple(args.projections.split(",")) if args.projections else None),
         tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     context = None

@@ -115,6 +115,7 @@ class ServerTrainer:
         self.merging = cfg.method in MERGING
         self.model, _ = load_model(cfg.model)
         self.dims = ModelDims.from_config(self.model.config)
+        cfg.planner.projections(self.dims)  # a projection this model lacks: refuse to start, not at registration
         self.shape = StepShape(cfg.batch_size, cfg.max_len)
         self.lock = threading.Lock()
         self.targets = all_targets(self.model)

@@ -126,6 +126,28 @@ def test_registration_beyond_the_minimum_budget_is_refused_with_the_reason(tmp_p
     asyncio.run(main())
 
 
+def test_projections_option_limits_the_adapters_on_both_sides_and_a_foreign_one_refuses_to_start(tmp_path, e2e_dir):
+    from hsplitlora.planner import PlannerConfig
+    from server.trainer import ServerTrainer
+
+    async def main():
+        cfg = _cfg(tmp_path, clients_per_round=1, planner=PlannerConfig(candidates=("q", "v")))
+        async with running_server(cfg) as (url, state):
+            client = AsyncClient(url, load_e2e_train(e2e_dir)[:8], memory_budget=40e6)
+            try:
+                await client.register()
+                server_side = state.trainer.clients[client.client_id].factors
+            finally:
+                await client.close()
+        return client.plan, server_side
+
+    plan, server_side = asyncio.run(main())
+    assert plan.ranks and {t.proj for t in plan.ranks} <= {"q", "v"}
+    assert server_side and {t.proj for t in server_side} == {"q", "v"}
+    with pytest.raises(ValueError, match="'qkv' does not exist"):
+        ServerTrainer(_cfg(tmp_path / "other", planner=PlannerConfig(candidates=("q", "qkv"))), None)
+
+
 @pytest.mark.parametrize("method", ["fedavg", "hetlora", "flexlora"])
 def test_non_merging_methods_keep_weights_frozen_and_continue_from_the_aggregated_factors(tmp_path, e2e_dir, method):
     from hsplitlora.aggregation import AGGREGATORS, ClientUpdate
