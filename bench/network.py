@@ -1,12 +1,13 @@
 """Benchmark: the networked split step against single-process PEFT LoRA, concurrency, wire formats.
 
-    .venv/bin/python bench/network.py [--model smollm2-135m] [--steps 8]
+    .venv/bin/python bench/network.py [--model smollm2-135m] [--steps 8] [--pairs 3]
 
 1. Tokens per second of one networked client + server on 127.0.0.1 divided by single-process
    PEFT LoRA on the same model, batches and ranks (q, v at rank 8 in every block, the server
    started with `--projections q,v`; split 4). PEFT trains exactly the batches the client's data
-   stream yields, and is timed before and after the networked run (the ratio is against their
-   mean: the machine's speed drifts).
+   stream yields. PEFT timings and networked rounds alternate (--pairs rounds), each round against
+   the mean of the PEFT timings on either side of it: the machine's speed drifts by tens of
+   percent within a minute here.
 2. Server throughput (split steps per second, all clients together) with 1, 4 and 8 concurrent
    clients.
 3. Bytes per step (request + reply) and the training loss after the same steps for each wire
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +56,13 @@ def padded_tokens(batches) -> int:
     return sum(b.input_ids.numel() for b in batches)
 
 
-def peft_tokens_per_s(model_name: str, batches) -> float:
+def fmt(values: list[float], digits: int = 0) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
+def peft_trainer(model_name: str):
+    """Single-process PEFT LoRA on the model: a function timing a warm-up step and then `batches`
+    (tokens per second)."""
     model, _ = load_model(model_name)
     n = model.config.num_hidden_layers
     paths = [module_path(model, Target(i, p)) for i in range(n) for p in PROJECTIONS]
@@ -68,11 +76,14 @@ def peft_tokens_per_s(model_name: str, batches) -> float:
         opt.step()
         opt.zero_grad()
 
-    one(batches[0])  # warm-up
-    start = time.perf_counter()
-    for b in batches:
-        one(b)
-    return padded_tokens(batches) / (time.perf_counter() - start)
+    def tokens_per_s(batches) -> float:
+        one(batches[0])  # warm-up
+        start = time.perf_counter()
+        for b in batches:
+            one(b)
+        return padded_tokens(batches) / (time.perf_counter() - start)
+
+    return tokens_per_s
 
 
 def start_server(model: str, state: Path, wire: str, budget_clients: int, steps: int):
@@ -106,6 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=3, help="networked rounds alternating with PEFT timings")
     args = p.parse_args()
     model, tok = load_model(args.model)
     dims = ModelDims.from_config(model.config)
@@ -116,30 +128,34 @@ def main() -> None:
     del model
 
     first_client = client_batches(tok, examples, 0, args.steps)
-    peft_before = peft_tokens_per_s(args.model, first_client)
+    peft = peft_trainer(args.model)
     rows, wire_rows = [], []
     with TemporaryDirectory() as tmp:
-        for clients in (1, 4, 8):
-            proc, url = start_server(args.model, Path(tmp) / f"c{clients}", "fp16", clients, args.steps)
+
+        def one_round(name: str, wire: str, clients: int):
+            proc, url = start_server(args.model, Path(tmp) / name, wire, clients, args.steps)
             try:
-                seconds, reports, marks = asyncio.run(networked(url, examples, budget, clients))
+                return asyncio.run(networked(url, examples, budget, clients))
             finally:
                 proc.terminate()
                 proc.wait()
+
+        peft_rates, net_rates, steady_rates, ratios, steady_ratios = [peft(first_client)], [], [], [], []
+        for i in range(args.pairs):
+            seconds, _, marks = one_round(f"pair{i}", "fp16", 1)
+            peft_rates.append(peft(first_client))
+            around = (peft_rates[-2] + peft_rates[-1]) / 2
+            net_rates.append(padded_tokens(first_client) / seconds)
+            # Steps 1.. only: no cold start, no importance scoring, no round end.
+            steady_rates.append(padded_tokens(first_client[1:]) / (marks[-1] - marks[0]))
+            ratios.append(net_rates[-1] / around)
+            steady_ratios.append(steady_rates[-1] / around)
+        for clients in (1, 4, 8):
+            seconds, _, _ = one_round(f"c{clients}", "fp16", clients)
             tokens = sum(padded_tokens(client_batches(tok, examples, n, args.steps)) for n in range(clients))
             rows.append([clients, f"{clients * args.steps / seconds:.2f}", f"{tokens / seconds:.0f}"])
-            if clients == 1:
-                net_rate = tokens / seconds
-                # Steps 1.. only: no cold start, no importance scoring, no round end.
-                steady_rate = padded_tokens(first_client[1:]) / (marks[-1] - marks[0])
-                peft_after = peft_tokens_per_s(args.model, first_client)
         for wire in ("fp32", "fp16", "int8"):
-            proc, url = start_server(args.model, Path(tmp) / f"w{wire}", wire, 1, args.steps)
-            try:
-                _, reports, _ = asyncio.run(networked(url, examples, budget, 1))
-            finally:
-                proc.terminate()
-                proc.wait()
+            _, reports, _ = one_round(f"w{wire}", wire, 1)
             r = reports[0]
             wire_rows.append([wire, f"{(r.bytes_up + r.bytes_down) / args.steps / 1e6:.2f}", f"{r.losses[-1]:.4f}"])
     body = "\n".join([
@@ -150,13 +166,14 @@ def main() -> None:
         f"server (`hsplitlora server --projections {','.join(PROJECTIONS)}`) and clients on 127.0.0.1 of one "
         f"machine, {os.cpu_count()} CPUs. A networked run is one round of {args.steps} steps per client from a "
         f"cold start (step 0 also scores importance), the round's adapter upload and its update included; PEFT "
-        f"trains the same {args.steps} batches as client 0 after one warm-up step, timed before and after the "
-        f"one-client run.",
+        f"trains the same {args.steps} batches as client 0 after one warm-up step. {args.pairs} one-client "
+        f"rounds alternate with {args.pairs + 1} PEFT timings, each round against the mean of the two beside it.",
         "",
-        f"- single-process PEFT LoRA: {peft_before:.0f} tokens/s before, {peft_after:.0f} after; one networked "
-        f"client + server: {net_rate:.0f} tokens/s; **ratio {2 * net_rate / (peft_before + peft_after):.2f}** "
-        f"to their mean (goal >= 0.95). Its steps 2-{args.steps} alone (no cold start, importance scoring or "
-        f"round end): {steady_rate:.0f} tokens/s, ratio {2 * steady_rate / (peft_before + peft_after):.2f}.",
+        f"- single-process PEFT LoRA: {fmt(peft_rates)} tokens/s; one networked client + server: "
+        f"{fmt(net_rates)} tokens/s; **ratio {statistics.median(ratios):.2f}** (median; rounds {fmt(ratios, 2)}; "
+        f"goal >= 0.95).",
+        f"- its steps 2-{args.steps} alone (no cold start, importance scoring or round end): "
+        f"{fmt(steady_rates)} tokens/s, ratio {statistics.median(steady_ratios):.2f} (rounds {fmt(steady_ratios, 2)}).",
         "",
         table(["concurrent clients", "split steps / s (all)", "tokens / s (all)"], rows),
         "",
