@@ -8,7 +8,7 @@ Every torch call (model load, decoding and encoding tensors, training, aggregati
 model thread, so the event loop keeps answering and torch's OpenMP runs one thread team: a
 second team (the event loop's, from a tensor conversion there) makes both spin less between
 parallel regions once the process has more OpenMP threads than the machine has cores, and the
-server's step ran about a quarter slower for it on 2 cores.
+server's step ran about 30 % slower for it on 2 cores (docs/benchmarks.md, network).
 """
 
 from __future__ import annotations
