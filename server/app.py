@@ -94,10 +94,11 @@ class ServerState:
         """Aggregate the open round once enough clients uploaded (or, if forced, any did)."""
         async with self.aggregating:
             number = self.round
-            uploads = await self.run_model(self.store.uploads, number)
-            if not uploads or (len(uploads) < self.cfg.clients_per_round and not force):
+            uploaded = self.store.uploaded(number)
+            if not uploaded or (len(uploaded) < self.cfg.clients_per_round and not force):
                 return
-            log.info("round %d: aggregating %d client(s)", number, len(uploads))
+            log.info("round %d: aggregating %d client(s)", number, len(uploaded))
+            uploads = await self.run_model(self.store.uploads, number)
             scores = {c: self.scores.get(c, {}) for c in uploads}
             replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
             for client_id, tensors in replies.items():
@@ -281,7 +282,7 @@ async def round_update(request: web.Request) -> web.Response:
     client_id = request[CLIENT]
     round_number = int(request.match_info["round"])
     if round_number >= state.round:
-        uploaded = len(await state.run_model(state.store.uploads, state.round))
+        uploaded = len(state.store.uploaded(state.round))
         return web.json_response({"status": "waiting", "round": state.round, "uploaded": uploaded,
                                   "needed": state.cfg.clients_per_round}, status=202)
     tensors = await state.run_model(state.store.load_tensors, f"rounds/{round_number}/update-{client_id}.safetensors")
@@ -341,7 +342,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "round": state.round,
         "completed_rounds": state.store.completed_rounds(),
-        "uploaded": len(state.store.uploads(state.round)),
+        "uploaded": len(state.store.uploaded(state.round)),
         "clients": [_client_status(c, losses.get(c.id)) for c in state.trainer.clients.values()],
     })
 

@@ -169,8 +169,15 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO uploads (round, client, path, at) VALUES (?, ?, ?, ?)",
                         (round_number, client_id, str(path.relative_to(self.root)), time.time()))
 
-    def uploads(self, round_number: int) -> dict[str, dict[str, torch.Tensor]]:
+    def _upload_rows(self, round_number: int) -> list[tuple[str, str]]:
         # In registration order, so that aggregation sums in the same order wherever it runs.
-        rows = self.db.execute("SELECT u.client, u.path FROM uploads u JOIN clients c ON c.id = u.client "
+        return self.db.execute("SELECT u.client, u.path FROM uploads u JOIN clients c ON c.id = u.client "
                                "WHERE u.round = ? ORDER BY c.number", (round_number,)).fetchall()
-        return {client: load_file(str(self.root / path)) for client, path in rows}
+
+    def uploaded(self, round_number: int) -> list[str]:
+        """The clients that uploaded in a round (no files read)."""
+        return [client for client, _ in self._upload_rows(round_number)]
+
+    def uploads(self, round_number: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The round's uploaded adapters by client."""
+        return {client: load_file(str(self.root / path)) for client, path in self._upload_rows(round_number)}

@@ -137,7 +137,7 @@ class ServerTrainer:
                 self._adopt(record, Plan.from_dict(record.plan))
         # Clients that uploaded in the open round before a restart keep their server-side part too.
         open_round = store.current_round()
-        for client_id in store.uploads(open_round):
+        for client_id in store.uploaded(open_round):
             saved = store.load_tensors(server_snapshot(open_round, client_id))
             if saved is not None:
                 self.restore_server_state(client_id, saved)

@@ -29,7 +29,7 @@ def test_state_survives_a_restart(tmp_path):
     assert again.authenticate(token) == client_id
     assert again.client(client_id).plan == {"split": 3} and again.client(client_id).examples == 7
     assert again.completed_rounds() == 1 and again.current_round() == r + 1
-    assert torch.equal(again.uploads(r)[client_id]["0.q.A"], torch.ones(2, 4))
+    assert torch.equal(again.uploads(r)[client_id]["0.q.A"], torch.ones(2, 4)) and again.uploaded(r) == [client_id]
     assert again.losses(r) == {client_id: 2.5}
 
 

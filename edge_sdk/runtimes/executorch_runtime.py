@@ -7,8 +7,8 @@ the backward reads) and then "backward_h" (the gradients from those and dL/dh), 
 LoRA tensors (method names from the manifest's `methods`); `step` runs the joint method. The
 runtime only exposes its tensors after a first call, so loading runs one warm-up step. Only SGD
 ships in the runtime: AdamW runs in SDK code over the live tensors. A merged update is written
-into the .pte in place and the program is reloaded (the LoRA values are carried over). Pinned to executorch 1.4.1 (the training API is
-experimental).
+into the .pte in place and the program is reloaded (the LoRA values are carried over). Pinned to
+executorch 1.4.1 (the training API is experimental).
 """
 
 from __future__ import annotations
