@@ -1,4 +1,4 @@
-"""The aiohttp service: registration, split steps, rounds, status. See docs/protocol.md.
+"""The aiohttp service: registration, split steps, rounds, status and metrics. See docs/protocol.md.
 
 Control messages are JSON; tensors travel as safetensors bytes and are checked (dtype, shape
 against the client's plan, finiteness, size) before anything uses them. Every refusal is a 4xx
@@ -29,13 +29,15 @@ from hsplitlora.planner import PlanError
 from hsplitlora.wire import TensorSpec, WireError, decode, encode
 from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
+from server.monitoring import Monitor, render_status_page, snapshot
 from server.store import Store
 from server.trainer import ServerTrainer, server_snapshot
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 # A device reads the settings and probes its link before it registers (`hsplitlora profile`).
-PUBLIC = {"/healthz", "/v1/register", "/v1/status", "/v1/probe", "/v1/settings"}
+# The operators' views (/status, /metrics) are public like /v1/status: they name no token and no data.
+PUBLIC = {"/healthz", "/v1/register", "/v1/status", "/v1/probe", "/v1/settings", "/status", "/metrics"}
 STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
 CLIENT: web.RequestKey[str] = web.RequestKey("client", str)
 WATCH: web.AppKey[asyncio.Task] = web.AppKey("watch", asyncio.Task)
@@ -81,6 +83,7 @@ class ServerState:
         self.aggregating = asyncio.Lock()
         self.scores: dict[str, dict[Target, float]] = {}
         self.artifacts = ArtifactCache(cfg.state)
+        self.monitor = Monitor(self)
 
     def _adapter_bytes(self) -> int:
         q = self.cfg.planner.rank_set[-1]
@@ -98,15 +101,16 @@ class ServerState:
             if not uploaded or (len(uploaded) < self.cfg.clients_per_round and not force):
                 return
             log.info("round %d: aggregating %d client(s)", number, len(uploaded))
-            uploads = await self.run_model(self.store.uploads, number)
-            scores = {c: self.scores.get(c, {}) for c in uploads}
-            replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
-            for client_id, tensors in replies.items():
-                plan = self.trainer.clients[client_id].plan
-                self.store.set_plan(client_id, plan.to_dict())
-                await self.run_model(self.store.save_tensors, f"rounds/{number}/update-{client_id}.safetensors",
-                                     tensors or {"empty": torch.zeros(0)})
-            self.store.complete_round(number)
+            with self.monitor.aggregation_seconds.time():
+                uploads = await self.run_model(self.store.uploads, number)
+                scores = {c: self.scores.get(c, {}) for c in uploads}
+                replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
+                for client_id, tensors in replies.items():
+                    plan = self.trainer.clients[client_id].plan
+                    self.store.set_plan(client_id, plan.to_dict())
+                    await self.run_model(self.store.save_tensors, f"rounds/{number}/update-{client_id}.safetensors",
+                                         tensors or {"empty": torch.zeros(0)})
+                self.store.complete_round(number)
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
 
     async def deadline_watch(self) -> None:
@@ -222,6 +226,7 @@ async def step(request: web.Request) -> web.Response:
 def _train_step(state: ServerState, client_id: str, round_number: int, step_number: int,
                 body: bytes) -> tuple[bytes, float, bool]:
     """Check a step's tensors, train on them and encode dL/dh: (reply body, loss, trained)."""
+    start = time.perf_counter()
     cfg, d = state.cfg, state.trainer.dims.hidden
     tensors = decode(body, {
         "h": TensorSpec((None, None, d)),
@@ -242,7 +247,12 @@ def _train_step(state: ServerState, client_id: str, round_number: int, step_numb
     if not bool((labels[:, 1:] != IGNORE).any()):
         raise WireError("labels mark no token to learn")
     grad, loss, trained = state.trainer.step(client_id, round_number, step_number, h, mask, labels)
-    return encode({"grad": grad}, cfg.wire), loss, trained
+    reply = encode({"grad": grad}, cfg.wire)
+    if trained:
+        state.monitor.step_seconds.observe(time.perf_counter() - start)
+    else:
+        state.monitor.retried.inc()
+    return reply, loss, trained
 
 
 async def upload_adapters(request: web.Request) -> web.Response:
@@ -337,32 +347,24 @@ async def artifact_file(request: web.Request) -> web.StreamResponse:
 
 
 async def status(request: web.Request) -> web.Response:
+    return web.json_response(snapshot(request.app[STATE]))
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The operators' HTML page (refreshes itself every 10 s)."""
     state: ServerState = request.app[STATE]
-    losses = state.store.losses(state.round) or state.store.losses(state.round - 1)
-    return web.json_response({
-        "round": state.round,
-        "completed_rounds": state.store.completed_rounds(),
-        "uploaded": len(state.store.uploaded(state.round)),
-        "clients": [_client_status(c, losses.get(c.id)) for c in state.trainer.clients.values()],
-    })
+    return web.Response(text=render_status_page(state), content_type="text/html")
 
 
-def _client_status(client, loss: float | None) -> dict:
-    plan, step = client.plan, client.plan.predicted_step
-    out = {"id": client.id, "budget_mb": client.budget.memory_bytes / 2**20, "split": plan.split,
-           "device_adapters": len(plan.ranks), "predicted_memory_mb": plan.predicted_memory.total / 2**20,
-           "loss": loss, "measured": client.device is not None}
-    if client.budget.step_seconds is not None:
-        out["step_seconds_budget"] = client.budget.step_seconds
-    if step is not None:  # planned from its measurements: the whole process's peak, one step's seconds
-        out |= {"predicted_peak_rss_mb": step.peak_rss_bytes / 2**20, "predicted_step_s": step.seconds}
-    return out
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format: requests, step and aggregation times, the run's progress per client."""
+    return request.app[STATE].monitor.exposition()
 
 
 def make_app(cfg: ServerConfig) -> web.Application:
     """The application for a config (state is loaded, or created, under cfg.state)."""
     state = ServerState(cfg)
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=state.limit)
+    app = web.Application(middlewares=[state.monitor.middleware, errors_and_auth], client_max_size=state.limit)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/settings", settings)
@@ -377,6 +379,9 @@ def make_app(cfg: ServerConfig) -> web.Application:
     app.router.add_get("/v1/artifact", artifact)
     app.router.add_get("/v1/artifacts/{id}/{name}", artifact_file)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/metrics", metrics)
+    app.on_response_prepare.append(state.monitor.on_response_prepare)
 
     async def start_watch(app: web.Application) -> None:
         app[WATCH] = asyncio.create_task(state.deadline_watch())

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     app = make_app(cfg)
-    logging.getLogger(__name__).info("state in %s; serving %s", cfg.state, cfg.model)
+    scheme = "https" if context else "http"
+    logging.getLogger(__name__).info("state in %s; serving %s; status page %s://%s:%d/status, metrics at /metrics",
+                                     cfg.state, cfg.model, scheme, cfg.host, cfg.port)
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=context, print=None, access_log=None)
     return 0

@@ -70,6 +70,19 @@ class ClientRecord:
     plan: dict | None
 
 
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round as the store keeps it, for the operators' views."""
+
+    number: int
+    status: str  # 'open' or 'complete'
+    started: float  # Unix time
+    completed: float | None
+    steps: int  # split steps trained in it
+    mean_loss: float | None
+    uploads: int
+
+
 class Store:
     """SQLite + safetensors state under one directory (`--state DIR`)."""
 
@@ -142,6 +155,20 @@ class Store:
             (round_number, client_id, step, float(loss), time.time()),
         )
         return cur.rowcount == 1
+
+    def steps_trained(self) -> int:
+        """Split steps trained over the whole run (retries not counted)."""
+        return self.db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+
+    def round_history(self, limit: int) -> list[RoundRecord]:
+        """The last `limit` rounds, newest first, with their steps, mean loss and uploads."""
+        rows = self.db.execute(
+            "SELECT r.number, r.status, r.started, r.completed, "
+            "(SELECT COUNT(*) FROM metrics m WHERE m.round = r.number), "
+            "(SELECT AVG(loss) FROM metrics m WHERE m.round = r.number), "
+            "(SELECT COUNT(*) FROM uploads u WHERE u.round = r.number) "
+            "FROM rounds r ORDER BY r.number DESC LIMIT ?", (limit,)).fetchall()
+        return [RoundRecord(*row) for row in rows]
 
     def losses(self, round_number: int) -> dict[str, float]:
         """Mean loss per client in a round."""

@@ -1,13 +1,18 @@
-"""Shared fixtures: tiny models of both families and the E2E data directory."""
+"""Shared fixtures: tiny models of both families, the E2E data directory, a real server."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import torch
+from aiohttp import web
 from transformers.utils import logging as hf_logging
 
 from hsplitlora.data import default_e2e_dir
 from hsplitlora.models import load_model
+from server.app import STATE, make_app
+from server.config import ServerConfig
 
 FAMILY_MODELS = ["tiny-llama", "tiny-gpt2"]
 hf_logging.disable_progress_bar()
@@ -45,3 +50,26 @@ def randomize_adapters(factors, seed: int = 0, std: float = 0.1) -> None:
     with torch.no_grad():
         for f in factors.values():
             f.B.copy_(torch.randn(f.B.shape, generator=gen) * std)
+
+
+@asynccontextmanager
+async def running_server(cfg: ServerConfig):
+    """A real aiohttp server on 127.0.0.1 (a free port): yields its URL and its state."""
+    app = make_app(cfg)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}", app[STATE]
+    finally:
+        await runner.cleanup()
+
+
+def server_config(tmp_path, **kw) -> ServerConfig:
+    """A tiny-model server: 2 clients per round, 2 local steps of batch 2."""
+    base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,
+                clients_per_round=2)
+    base.update(kw)
+    return ServerConfig(**base)

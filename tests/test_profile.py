@@ -7,18 +7,16 @@ import dataclasses
 import json
 import statistics
 import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from conftest import running_server
 from edge_sdk.profile import DeviceProfile, measure_link, profile_device
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.models import load_model
 from hsplitlora.predict import DeviceRates, predict_step
-from server.app import STATE, make_app
 from server.config import ServerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -27,18 +25,9 @@ from calibration import expand_ranks, run_worker
 BATCH, SEQ = 4, 64
 
 
-@asynccontextmanager
-async def running_server(tmp_path, **kw):
-    cfg = ServerConfig(model="tiny-llama", state=tmp_path / "state", batch_size=BATCH, max_len=SEQ, **kw)
-    runner = web.AppRunner(make_app(cfg))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}", runner.app[STATE]
-    finally:
-        await runner.cleanup()
+def tiny_server(tmp_path, **kw):
+    """A real tiny-llama server at the tests' batch x seq."""
+    return running_server(ServerConfig(model="tiny-llama", state=tmp_path / "state", batch_size=BATCH, max_len=SEQ, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +68,7 @@ def test_profile_json_round_trips_and_a_missing_key_is_named(profile):
 
 def test_probe_endpoint_gives_bandwidth_and_refuses_oversized_probes(tmp_path):
     async def main():
-        async with running_server(tmp_path) as (url, state):
+        async with tiny_server(tmp_path) as (url, state):
             up, down, rtt = await measure_link(url, 200_000)
             async with aiohttp.ClientSession() as s:
                 async with s.get(url + "/v1/probe", params={"bytes": "1234"}) as r:
@@ -101,7 +90,7 @@ def test_probe_endpoint_gives_bandwidth_and_refuses_oversized_probes(tmp_path):
 
 def test_registration_with_a_measured_profile_gets_a_plan(tmp_path, profile):
     async def main():
-        async with running_server(tmp_path) as (url, _):
+        async with tiny_server(tmp_path) as (url, _):
             async with aiohttp.ClientSession() as s:
                 async with s.post(url + "/v1/register", json={"profile": profile.to_dict(), "examples": 10}) as r:
                     return r.status, await r.json()
@@ -118,7 +107,7 @@ def test_prediction_matches_a_real_client_process_on_a_tiny_model(tmp_path, prof
     split, spec = 3, "all=8"
 
     async def main():
-        async with running_server(tmp_path) as (url, _):
+        async with tiny_server(tmp_path) as (url, _):
             link = await measure_link(url, BATCH * SEQ * dims.hidden * 2)
             # A blocking subprocess: in a thread, so that this loop keeps serving its probes.
             measured = await asyncio.to_thread(run_worker, "tiny-llama", split, spec, 6, 1, BATCH, SEQ, url)
@@ -158,7 +147,7 @@ def test_a_client_plans_from_its_profile_within_its_budgets_and_refuses_a_plan_t
     out = tmp_path / "profile.json"
 
     async def main():
-        async with running_server(tmp_path, local_steps=2) as (url, state):
+        async with tiny_server(tmp_path, local_steps=2) as (url, state):
             code, printed, err = await _finish(await _cli(
                 "profile", "--model", "tiny-llama", "--server", url, "--batch-size", str(BATCH),
                 "--max-len", str(SEQ), "--threads", "1", "--out", str(out)))
@@ -212,7 +201,7 @@ def test_registration_refuses_a_malformed_or_foreign_profile(tmp_path, profile):
     }
 
     async def main():
-        async with running_server(tmp_path) as (url, state):
+        async with tiny_server(tmp_path) as (url, state):
             replies = {}
             async with aiohttp.ClientSession() as s:
                 for name, body in bad.items():

@@ -2,40 +2,16 @@
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 import torch
-from aiohttp import web
 
+from conftest import running_server, server_config as _cfg
 from edge_sdk.client import AsyncClient, ServerError
 from hsplitlora.data import load_e2e_train, shard
 from hsplitlora.lora import lora_layer
 from hsplitlora.wire import encode
-from server.app import STATE, make_app
-from server.config import ServerConfig
-
-
-@asynccontextmanager
-async def running_server(cfg: ServerConfig):
-    app = make_app(cfg)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}", app[STATE]
-    finally:
-        await runner.cleanup()
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,
-                clients_per_round=2)
-    base.update(kw)
-    return ServerConfig(**base)
 
 
 def test_two_clients_train_rounds_and_end_with_the_servers_merged_weights(tmp_path, e2e_dir):

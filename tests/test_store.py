@@ -31,6 +31,11 @@ def test_state_survives_a_restart(tmp_path):
     assert again.completed_rounds() == 1 and again.current_round() == r + 1
     assert torch.equal(again.uploads(r)[client_id]["0.q.A"], torch.ones(2, 4)) and again.uploaded(r) == [client_id]
     assert again.losses(r) == {client_id: 2.5}
+    assert again.steps_trained() == 1
+    newest, done = again.round_history(limit=5)
+    assert (newest.number, newest.status, newest.steps, newest.mean_loss, newest.uploads) == (r + 1, "open", 0, None, 0)
+    assert (done.number, done.status, done.steps, done.mean_loss, done.uploads) == (r, "complete", 1, 2.5, 1)
+    assert done.started <= done.completed and newest.completed is None
 
 
 def test_a_retried_step_is_recognised(tmp_path):
