@@ -38,7 +38,8 @@ def snapshot(state: ServerState) -> dict:
         "round": state.round,
         "completed_rounds": state.store.completed_rounds(),
         "uploaded": len(state.store.uploaded(state.round)),
-        "clients": [_client(c, losses.get(c.id)) for c in state.trainer.clients.values()],
+        # list() copies in one step: the model thread adds clients while the event loop reads them.
+        "clients": [_client(c, losses.get(c.id)) for c in list(state.trainer.clients.values())],
     }
 
 
