@@ -235,6 +235,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     procs, bars, rounds = [], [], {}
     try:
         await asyncio.get_running_loop().run_in_executor(None, _wait_healthy, url, server)
+        log.info("server up: the run's status page is %s/status (Prometheus metrics at /metrics)", url)
         needs = await measuring
         if needs:
             _caps(clients, needs, prefix)
