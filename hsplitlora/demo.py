@@ -118,14 +118,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc, timeout_s: float = 300.0) -> None:
+def _wait_healthy(url: str, proc, timeout_s: float = 300.0, context=None) -> None:
+    """Until the server process answers /healthz (over HTTPS with `context`, an ssl.SSLContext)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         code = proc.poll() if hasattr(proc, "poll") else proc.returncode  # subprocess or asyncio process
         if code is not None:
             raise RuntimeError(f"the server exited with status {code} before it was ready")
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):
+            with urllib.request.urlopen(url + "/healthz", timeout=2, context=context):
                 return
         except OSError:
             time.sleep(0.5)
