@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "server", help="run the federation backend (aiohttp): plans, server-side segments, aggregation, state",
         description="Serve split fine-tuning to devices: register them, plan their split and ranks, train each "
-                    "client's server segment, aggregate every round (naa by default), keep state in SQLite + safetensors.",
+                    "client's server segment, aggregate every round (naa by default), keep state in SQLite + safetensors. "
+                    "Operators watch GET /status (an HTML page) and GET /metrics (Prometheus); see docs/protocol.md.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(NAMED_MODELS)} or a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
