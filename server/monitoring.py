@@ -137,19 +137,20 @@ class _RunCollector:
                     state.cfg.clients_per_round)
         yield gauge("hsplitlora_round_open_seconds", "Seconds since the open round started",
                     time.time() - state.round_started)
+        mib = 2**20  # the snapshot's sizes are MiB; Prometheus wants base units
         per_client = {
-            "split": ("hsplitlora_client_split", "Transformer blocks the client's device runs"),
-            "device_adapters": ("hsplitlora_client_device_adapters", "LoRA adapters in the client's device blocks"),
-            "budget_mb": ("hsplitlora_client_budget_mib", "The client's memory budget, MiB"),
-            "predicted_memory_mb": ("hsplitlora_client_predicted_memory_mib", "Training memory the plan predicts, MiB"),
+            "split": ("hsplitlora_client_split", "Transformer blocks the client's device runs", 1),
+            "device_adapters": ("hsplitlora_client_device_adapters", "LoRA adapters in the client's device blocks", 1),
+            "budget_mb": ("hsplitlora_client_budget_bytes", "The client's memory budget", mib),
+            "predicted_memory_mb": ("hsplitlora_client_predicted_memory_bytes", "Training memory the plan predicts", mib),
             "loss": ("hsplitlora_client_train_loss", "Mean training loss of the client's steps in the open round "
-                                                     "(the last round's before it has any)"),
+                                                     "(the last round's before it has any)", 1),
         }
-        for key, (name, doc) in per_client.items():
+        for key, (name, doc, scale) in per_client.items():
             family = GaugeMetricFamily(name, doc, labels=["client"])
             for client in now["clients"]:
                 if client[key] is not None:
-                    family.add_metric([client["id"]], client[key])
+                    family.add_metric([client["id"]], client[key] * scale)
             yield family
 
 

@@ -88,8 +88,9 @@ def test_metrics_and_status_page_report_what_the_run_did(tmp_path, e2e_dir):
     # Every step uploads activations and downloads a gradient of the same shape (fp16 both ways).
     assert after[("hsplitlora_http_received_bytes_total", (("route", "/v1/steps"),))] > 0
     assert after[("hsplitlora_http_sent_bytes_total", (("route", "/v1/steps"),))] > 0
-    for client_id, split in zip(ids, splits):
+    for client_id, split, budget in zip(ids, splits, (12e6, 40e6)):
         assert after[("hsplitlora_client_split", (("client", client_id),))] == split
+        assert after[("hsplitlora_client_budget_bytes", (("client", client_id),))] == budget
         assert after[("hsplitlora_client_train_loss", (("client", client_id),))] > 0
 
     assert page_status == 200 and page_type.startswith("text/html")
