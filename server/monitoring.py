@@ -101,7 +101,9 @@ class Monitor:
                 route = route_of(request)
                 self.requests.labels(route, str(code)).inc()
                 self.latency.labels(route).observe(time.perf_counter() - start)
-                self.received.labels(route).inc(request.content_length or 0)
+                # What came off the wire, not Content-Length: a chunked body has none, and a
+                # request refused before its body is read counts only what arrived.
+                self.received.labels(route).inc(request.content.total_bytes)
 
         return count_requests
 

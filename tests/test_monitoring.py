@@ -54,6 +54,14 @@ def test_metrics_and_status_page_report_what_the_run_did(tmp_path, e2e_dir):
                 assert r.status == 401
             async with s.get(url + "/no/such/path") as r:  # refused before routing: no token
                 assert r.status == 401
+            async def chunks():  # no Content-Length: sent chunked
+                for size in (1000, 2000, 500):
+                    yield b"x" * size
+
+            async with s.post(url + "/v1/probe", data=chunks()) as r:
+                assert r.status == 200 and (await r.json())["bytes"] == 3500
+            async with s.post(url + "/v1/probe", data=b"y" * 700) as r:
+                assert r.status == 200
             async with s.get(url + "/metrics") as r:
                 after = _samples(await r.text())
             async with s.get(url + "/status") as r:
@@ -88,6 +96,7 @@ def test_metrics_and_status_page_report_what_the_run_did(tmp_path, e2e_dir):
     # Every step uploads activations and downloads a gradient of the same shape (fp16 both ways).
     assert after[("hsplitlora_http_received_bytes_total", (("route", "/v1/steps"),))] > 0
     assert after[("hsplitlora_http_sent_bytes_total", (("route", "/v1/steps"),))] > 0
+    assert after[("hsplitlora_http_received_bytes_total", (("route", "/v1/probe"),))] == 3500 + 700
     for client_id, split, budget in zip(ids, splits, (12e6, 40e6)):
         assert after[("hsplitlora_client_split", (("client", client_id),))] == split
         assert after[("hsplitlora_client_budget_bytes", (("client", client_id),))] == budget
