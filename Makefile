@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-methods bench-network bench-runtimes bench-calibration clean
+.PHONY: demo test install bench-methods bench-network bench-runtimes bench-gemm bench-calibration clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-network: $(STAMP)
 # k = 2, 4, 8 (about 30 minutes, most of it exports); times under /tmp/hsplitlora-bench.lock.
 bench-runtimes: $(STAMP)
 	$(BIN)/python bench/runtimes.py
+
+# The block's matrix products in onnxruntime (MLAS) against eager torch (about 2 minutes): what
+# bounds the onnxruntime runtime's speed-up; times under /tmp/hsplitlora-bench.lock.
+bench-gemm: $(STAMP)
+	$(BIN)/python bench/gemm.py
 
 # The calibrated cost model against real client processes on SmolLM2-135M (about 3 minutes).
 bench-calibration: $(STAMP)
