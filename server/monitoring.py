@@ -32,22 +32,24 @@ _PAGES = jinja2.Environment(loader=jinja2.PackageLoader("server", "templates"),
 
 def snapshot(state: ServerState) -> dict:
     """The run now, as `GET /v1/status` answers it: the open round, uploads, and per client its
-    plan, budget, predictions and mean loss (this round's, or the last round's before it has any)."""
+    plan, budget, predictions, mean loss (this round's, or the last round's before it has any) and
+    whether it uploaded this round (one read of the uploads: the count and the flags agree)."""
     losses = state.store.losses(state.round) or state.store.losses(state.round - 1)
+    uploaded = set(state.store.uploaded(state.round))
     return {
         "round": state.round,
         "completed_rounds": state.store.completed_rounds(),
-        "uploaded": len(state.store.uploaded(state.round)),
+        "uploaded": len(uploaded),
         # list() copies in one step: the model thread adds clients while the event loop reads them.
-        "clients": [_client(c, losses.get(c.id)) for c in list(state.trainer.clients.values())],
+        "clients": [_client(c, losses.get(c.id), c.id in uploaded) for c in list(state.trainer.clients.values())],
     }
 
 
-def _client(client, loss: float | None) -> dict:
+def _client(client, loss: float | None, uploaded: bool) -> dict:
     plan, step = client.plan, client.plan.predicted_step
     out = {"id": client.id, "budget_mb": client.budget.memory_bytes / 2**20, "split": plan.split,
            "device_adapters": len(plan.ranks), "predicted_memory_mb": plan.predicted_memory.total / 2**20,
-           "loss": loss, "measured": client.device is not None}
+           "loss": loss, "measured": client.device is not None, "uploaded": uploaded}
     if client.budget.step_seconds is not None:
         out["step_seconds_budget"] = client.budget.step_seconds
     if step is not None:  # planned from its measurements: the whole process's peak, one step's seconds
@@ -160,11 +162,10 @@ def render_status_page(state: ServerState) -> str:
     """The HTML status page: the run's settings, the open round, every client, the recent rounds."""
     now = snapshot(state)
     cfg = state.cfg
-    uploaded = set(state.store.uploaded(state.round))
     refused = sum(sample.value for metric in state.monitor.requests.collect() for sample in metric.samples
                   if sample.name.endswith("_total") and sample.labels["code"].startswith("4"))
     return _PAGES.get_template("status.html").render(
-        status=now, cfg=cfg, uploaded=uploaded, history=state.store.round_history(HISTORY),
+        status=now, cfg=cfg, history=state.store.round_history(HISTORY),
         round_open_s=time.time() - state.round_started, steps=state.store.steps_trained(), refused=int(refused),
         clock=time.strftime("%Y-%m-%d %H:%M:%S"), when=lambda t: time.strftime("%H:%M:%S", time.localtime(t)),
     )

@@ -46,12 +46,13 @@ def test_a_killed_server_resumes_at_the_last_round_and_keeps_accepted_uploads(tm
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await a.close()
-            return a.token, b.token, deltas
+            return a.token, b.token, deltas, {a.client_id: True, b.client_id: False}
 
-        token_a, token_b, deltas = asyncio.run(first_life())
+        token_a, token_b, deltas, uploaded = asyncio.run(first_life())
         server = _start(tmp_path / "state", port)
         status = _status(url)
         assert (status["round"], status["completed_rounds"], status["uploaded"]) == (2, 1, 1)
+        assert {c["id"]: c["uploaded"] for c in status["clients"]} == uploaded
         assert (tmp_path / "state" / "deltas" / "merged.safetensors").read_bytes() == deltas
 
         async def second_life():
