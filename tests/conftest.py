@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from contextlib import asynccontextmanager
 
 import pytest
@@ -10,6 +12,7 @@ from aiohttp import web
 from transformers.utils import logging as hf_logging
 
 from hsplitlora.data import default_e2e_dir
+from hsplitlora.demo import _wait_healthy
 from hsplitlora.models import load_model
 from server.app import STATE, make_app
 from server.config import ServerConfig
@@ -73,3 +76,17 @@ def server_config(tmp_path, **kw) -> ServerConfig:
                 clients_per_round=2)
     base.update(kw)
     return ServerConfig(**base)
+
+
+def server_process(state, port: int, *args: str, stderr=subprocess.DEVNULL, context=None) -> subprocess.Popen:
+    """`hsplitlora server --port PORT --state STATE ARGS...` as a process, once it answers /healthz
+    (over HTTPS with `context`, an ssl.SSLContext); killed if it never does."""
+    proc = subprocess.Popen([sys.executable, "-m", "hsplitlora", "server", "--port", str(port), "--state", str(state),
+                             *args], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        _wait_healthy(f"{'https' if context else 'http'}://127.0.0.1:{port}", proc, timeout_s=120, context=context)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc

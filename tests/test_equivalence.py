@@ -11,7 +11,8 @@ import urllib.request
 import torch
 from safetensors.torch import load_file
 
-from hsplitlora.demo import _free_port, _wait_healthy
+from conftest import server_process
+from hsplitlora.demo import _free_port
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.importance import all_targets
 from hsplitlora.lora import lora_layer
@@ -39,15 +40,13 @@ def _networked(cfg: SimConfig, fed: Federation, workdir, runtimes: list[str] | N
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     py = [sys.executable, "-m", "hsplitlora"]
-    server = subprocess.Popen(
-        [*py, "server", "--model", cfg.model, "--port", str(port), "--state", str(workdir / "state"),
-         "--wire", "fp32", "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients),
-         "--local-steps", str(cfg.local_steps), "--batch-size", str(cfg.batch_size), "--max-len", str(cfg.max_len),
-         "--lr", repr(cfg.lr), "--seed", str(cfg.seed)],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"))
+    server = server_process(
+        workdir / "state", port, "--model", cfg.model, "--wire", "fp32", "--rounds", str(cfg.rounds),
+        "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps), "--batch-size",
+        str(cfg.batch_size), "--max-len", str(cfg.max_len), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
+        stderr=open(workdir / "server.log", "wb"))
     clients = []
     try:
-        _wait_healthy(url, server, timeout_s=120)
         for c in fed.clients:
             data = workdir / f"{c.name}.jsonl"
             data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in c.data))

@@ -4,22 +4,17 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
 
+from conftest import server_process
 from edge_sdk.client import AsyncClient
 from hsplitlora.data import load_e2e_train, shard
-from hsplitlora.demo import _free_port, _wait_healthy
+from hsplitlora.demo import _free_port
 
 
 def _start(state, port):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hsplitlora", "server", "--model", "tiny-llama", "--port", str(port), "--state",
-         str(state), "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "2", "--max-len", "400"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=120)
-    return proc
+    return server_process(state, port, "--model", "tiny-llama", "--clients-per-round", "2", "--local-steps", "2",
+                          "--batch-size", "2", "--max-len", "400")
 
 
 def _status(url):

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 import trustme
 
+from conftest import server_process
 from hsplitlora.data import load_e2e_train
-from hsplitlora.demo import _free_port, _wait_healthy
+from hsplitlora.demo import _free_port
 
 SERVER_ARGS = ["--model", "tiny-llama", "--clients-per-round", "1", "--local-steps", "2", "--batch-size", "2",
                "--max-len", "400"]
@@ -37,13 +38,10 @@ def test_server_and_client_train_over_https_and_an_untrusted_certificate_is_refu
                             for e in load_e2e_train(e2e_dir)[:20]))
     port = _free_port()
     url = f"https://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "hsplitlora", "server", *SERVER_ARGS, "--port", str(port), "--state",
-         str(tmp_path / "state"), "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    server = server_process(tmp_path / "state", port, *SERVER_ARGS, "--tls-cert", str(tmp_path / "server.pem"),
+                            "--tls-key", str(tmp_path / "server.key"), context=trusted)
     try:
-        _wait_healthy(url, server, 120, trusted)
         client = subprocess.run(
             [sys.executable, "-m", "hsplitlora", "client", "--server", url, "--cafile", str(tmp_path / "ca.pem"),
              "--data", str(data), "--memory-budget", "12000000", "--rounds", "1"],
