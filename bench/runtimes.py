@@ -1,6 +1,6 @@
 """Benchmark: one split-learning device step per runtime on SmolLM2-135M segments; writes docs/benchmarks.md.
 
-    .venv/bin/python bench/runtimes.py [--splits 2,4,8] [--settings qv8,all16] [--repeats 7] [--threads 1]
+    .venv/bin/python bench/runtimes.py [--splits 2,4,8] [--settings qv8,all16] [--repeats 7] [--threads 1,all]
                                        [--processes 3]
 
 For each LoRA setting and split k the device segment is exported to both formats with
@@ -17,6 +17,9 @@ The timing runs in --processes fresh processes, one after another: eager's step 
 between processes more than within one (the same k=2 step took 185-260 ms in processes started
 minutes apart on the 2-core machine here, onnxruntime's 158-175 ms), so one process is one draw.
 The tables give the median over the processes and the range of their ratios.
+Each configuration is timed at one thread and at every core ("all", os.cpu_count()): every core is
+what a device runs with when the SDK is not told otherwise (torch's, onnxruntime's and ExecuTorch's
+own default), one thread the pure per-core comparison.
 Only the timing runs under the shared lock /tmp/hsplitlora-bench.lock (taken here: do not wrap
 this script in flock(1), the two locks would wait on each other); exports run outside it.
 Raw results go to docs/results/runtimes.json, the tables to the "runtimes" section of
@@ -215,8 +218,8 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int], pr
         f"processes one after another (eager's speed varies more between processes than within one): times are "
         f"medians over the processes, ratios the median of the per-process ratios with their range in "
         f"parentheses. Threads "
-        f"{', '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool), under the "
-        f"shared timing lock. "
+        f"{' and '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool; "
+        f"{os.cpu_count()} = every core, what the SDK runs with by default), under the shared timing lock. "
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs; the load average "
         f"(1 min, lowest and highest over the processes' starts and ends) says whether other work shared the "
         f"cores.",
@@ -245,7 +248,8 @@ def main() -> None:
     p.add_argument("--splits", default="2,4,8", help="device blocks k, comma-separated")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"LoRA settings from {sorted(SETTINGS)}")
     p.add_argument("--repeats", type=int, default=7, help="timed split steps per runtime (after 2 warm-up)")
-    p.add_argument("--threads", default="1", help="thread counts to time, comma-separated (e.g. 1,2)")
+    p.add_argument("--threads", default="1,all",
+                   help="thread counts to time, comma-separated; 'all' = every core (the SDK's default)")
     p.add_argument("--processes", type=int, default=3, help="fresh processes each configuration is timed in")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "runtimes.json")
     p.add_argument("--no-doc", action="store_true", help="write the JSON only, not docs/benchmarks.md")
@@ -255,7 +259,11 @@ def main() -> None:
     if unknown:
         p.error(f"unknown settings {sorted(unknown)}; choose from {sorted(SETTINGS)}")
     splits = [int(k) for k in args.splits.split(",")]
-    threads = [int(n) for n in args.threads.split(",")]
+    try:
+        threads = [os.cpu_count() if n == "all" else int(n) for n in args.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads takes numbers or 'all', comma-separated, not {args.threads!r}")
+    threads = list(dict.fromkeys(threads))  # "1,all" on a one-core machine times once
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
         for setting in settings:

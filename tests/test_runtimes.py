@@ -266,3 +266,22 @@ def test_available_and_chosen_runtimes():
     assert choose_runtime("torch", formats=[]) == "torch"
     with pytest.raises(ValueError, match="unknown runtime"):
         choose_runtime("tflite")
+
+
+def test_onnxruntime_workers_do_not_spin_unless_single_threaded():
+    """A pool of several threads waits passively between ops (the SDK's choice, docs/export.md)."""
+    from edge_sdk.runtimes.onnx_runtime import OnnxRuntime
+
+    directory, _ = cached_build(*CONFIGS["llama-k1"])
+
+    def spinning(rt):
+        def entry(session):
+            try:
+                return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            except RuntimeError:  # not set: onnxruntime's default, spinning
+                return None
+        return [entry(s) for s in (rt.session, rt.forward_session, rt.backward_session)]
+
+    assert spinning(OnnxRuntime(directory, threads=2)) == ["0"] * 3
+    assert spinning(OnnxRuntime(directory)) == ["0"] * 3
+    assert spinning(OnnxRuntime(directory, threads=1)) == [None] * 3
