@@ -13,7 +13,8 @@ step the client runs, in one process, interleaved (round-robin repeats, median):
     grads = rt.backward(dL/dh)              eager: autograd; the others: the backward graph / method
 
 each followed by the SDK's AdamW over the LoRA tensors. dL/dh is random (the server's reply).
-The timing runs in --processes fresh processes, one after another: eager's step time varies
+With more than one thread each runtime is timed in a process of its own (thread pools side by side
+slow one another). The timing runs in --processes rounds of fresh processes: eager's step time varies
 between processes more than within one (the same k=2 step took 185-260 ms in processes started
 minutes apart on the 2-core machine here, onnxruntime's 158-175 ms), so one process is one draw.
 The tables give the median over the processes and the range of their ratios.
@@ -100,16 +101,18 @@ class Step:
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
-def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int) -> dict:
-    """Median ms of forward / backward / AdamW / the whole split step per runtime, interleaved in
-    this process."""
+def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int,
+                  names: tuple[str, ...] = RUNTIMES) -> dict:
+    """Median ms of forward / backward / AdamW / the whole split step of each runtime in `names`,
+    interleaved in this process."""
     set_threads(threads)
     eager = TorchRuntime.from_model(load_model(model)[0], split, ranks, ALPHA)
-    steps = {"eager": Step(eager), "onnxruntime": Step(OnnxRuntime(directory, threads=threads)),
-             "executorch": Step(ExecuTorchRuntime(directory))}
     start = {k: v.clone() for k, v in eager.lora_tensors().items()}  # apply_lora's fresh adapters
-    steps["onnxruntime"].rt.set_lora_tensors(start)
-    steps["executorch"].rt.set_lora_tensors(start)
+    makers = {"eager": lambda: eager, "onnxruntime": lambda: OnnxRuntime(directory, threads=threads),
+              "executorch": lambda: ExecuTorchRuntime(directory)}
+    steps = {name: Step(makers[name]()) for name in names}
+    for step in steps.values():
+        step.rt.set_lora_tensors(start)
     opts = {name: AdamW(lr=1e-4) for name in steps}
     gen = torch.Generator().manual_seed(0)
     hidden = eager.segment.config.hidden_size
@@ -132,21 +135,32 @@ def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: 
         total = statistics.median(sum(r) for r in rows) * 1e3
         out[name] = {"forward_ms": round(fwd, 1), "backward_ms": round(back, 1), "adamw_ms": round(opt, 2),
                      "split_step_ms": round(total, 1), "samples_ms": [round(sum(r) * 1e3, 1) for r in rows]}
-    for row in out.values():
-        row["ratio_to_eager"] = round(row["split_step_ms"] / out["eager"]["split_step_ms"], 2)
     return {"runtimes": out, "load_average": [round(load_before, 2), round(load_after, 2)]}
 
 
 def time_in_processes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int,
                       processes: int) -> dict:
-    """`time_runtimes` in `processes` fresh processes, one at a time; per runtime the median over
-    them of each time, and per-process ratios to eager (their median and range)."""
+    """`processes` rounds of `time_runtimes` in fresh processes, one at a time; per runtime the
+    median over the rounds of each time, and per-round ratios to eager (their median and range).
+
+    At one thread a round is one process timing every runtime interleaved. With more threads each
+    runtime gets a process of its own in every round: side by side in one process their thread
+    pools slow one another (here eager's 2-thread qv8 k=2 step took 100-116 ms with onnxruntime's
+    and ExecuTorch's pools idle beside it or absent, and 151 ms interleaved with them)."""
+    groups = [RUNTIMES] if threads == 1 else [(name,) for name in RUNTIMES]
     runs = []
     for _ in range(processes):
-        # spawn, not fork: a fresh interpreter that inherits nothing from this one (which ran the
-        # export: its heap, its threads).
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs.append(pool.submit(time_runtimes, model, split, ranks, directory, threads, repeats).result())
+        run = {"runtimes": {}, "load_average": []}
+        for names in groups:
+            # spawn, not fork: a fresh interpreter that inherits nothing from this one (which ran
+            # the export: its heap, its threads).
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                part = pool.submit(time_runtimes, model, split, ranks, directory, threads, repeats, names).result()
+            run["runtimes"].update(part["runtimes"])
+            run["load_average"] += part["load_average"]
+        for row in run["runtimes"].values():
+            row["ratio_to_eager"] = round(row["split_step_ms"] / run["runtimes"]["eager"]["split_step_ms"], 2)
+        runs.append(run)
     out = {}
     for name in RUNTIMES:
         rows = [r["runtimes"][name] for r in runs]
@@ -213,11 +227,12 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int], pr
         f"runtime interface: `forward(ids, mask, keep=True)` (eager: the segment keeping its autograd graph; "
         f"onnxruntime / ExecuTorch: the forward graph / method returning h and the activations the backward "
         f"reads), then `backward(dL/dh)` (eager: autograd; the others: the backward graph / method), then the "
-        f"SDK's AdamW. All runtimes "
-        f"in one process, interleaved, median of {repeats} after 2 warm-up steps; that in {processes} fresh "
-        f"processes one after another (eager's speed varies more between processes than within one): times are "
-        f"medians over the processes, ratios the median of the per-process ratios with their range in "
-        f"parentheses. Threads "
+        f"SDK's AdamW; median of {repeats} after 2 warm-up steps. At one thread all runtimes run in one "
+        f"process, interleaved; with more threads each runtime runs in a fresh process of its own, one after "
+        f"another (their thread pools side by side in one process slowed one another: eager's 2-thread qv8 k=2 "
+        f"step took 100-116 ms without them and 151 ms interleaved with them). That in {processes} rounds of "
+        f"fresh processes (eager's speed varies more between processes than within one): times are medians "
+        f"over the rounds, ratios the median of the per-round ratios with their range in parentheses. Threads "
         f"{' and '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool; "
         f"{os.cpu_count()} = every core, what the SDK runs with by default), under the shared timing lock. "
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs; the load average "
