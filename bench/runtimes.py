@@ -145,8 +145,8 @@ def time_in_processes(model: str, split: int, ranks: str, directory: Path, threa
 
     At one thread a round is one process timing every runtime interleaved. With more threads each
     runtime gets a process of its own in every round: side by side in one process their thread
-    pools slow one another (here eager's 2-thread qv8 k=2 step took 100-116 ms with onnxruntime's
-    and ExecuTorch's pools idle beside it or absent, and 151 ms interleaved with them)."""
+    pools slow one another (here eager's 2-thread qv8 k=2 step took 100-108 ms alone and 109-151 ms
+    interleaved with onnxruntime and ExecuTorch)."""
     groups = [RUNTIMES] if threads == 1 else [(name,) for name in RUNTIMES]
     runs = []
     for _ in range(processes):
@@ -230,7 +230,7 @@ def report(results: list[dict], model: str, repeats: int, threads: list[int], pr
         f"SDK's AdamW; median of {repeats} after 2 warm-up steps. At one thread all runtimes run in one "
         f"process, interleaved; with more threads each runtime runs in a fresh process of its own, one after "
         f"another (their thread pools side by side in one process slowed one another: eager's 2-thread qv8 k=2 "
-        f"step took 100-116 ms without them and 151 ms interleaved with them). That in {processes} rounds of "
+        f"step took 100-108 ms alone and 109-151 ms interleaved with them). That in {processes} rounds of "
         f"fresh processes (eager's speed varies more between processes than within one): times are medians "
         f"over the rounds, ratios the median of the per-round ratios with their range in parentheses. Threads "
         f"{' and '.join(map(str, threads))} (torch threads, ORT intra-op threads, ExecuTorch threadpool; "
