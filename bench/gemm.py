@@ -22,9 +22,7 @@ Raw results go to docs/results/gemm.json, the tables to the "gemm" section of do
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -44,7 +42,7 @@ from hsplitlora.report import table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods import replace_section  # noqa: E402
-from runtimes import BATCH, SEQ, bench_lock  # noqa: E402
+from runtimes import BATCH, SEQ, bench_lock, in_fresh_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,8 +261,7 @@ def main() -> None:
     runs = []
     with bench_lock():
         for _ in range(args.processes):
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                runs.append(pool.submit(measure, hidden, kv, ffn, args.threads, args.repeats).result())
+            runs.append(in_fresh_process(measure, hidden, kv, ffn, args.threads, args.repeats))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": args.model, "m": m, "threads": args.threads, "repeats": args.repeats, "processes": args.processes,

@@ -138,6 +138,13 @@ def time_runtimes(model: str, split: int, ranks: str, directory: Path, threads: 
     return {"runtimes": out, "load_average": [round(load_before, 2), round(load_after, 2)]}
 
 
+def in_fresh_process(fn, *args):
+    """`fn(*args)` in a spawned interpreter (not forked: it inherits nothing from this one, which
+    may have run an export: its heap, its threads); returns its result."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def time_in_processes(model: str, split: int, ranks: str, directory: Path, threads: int, repeats: int,
                       processes: int) -> dict:
     """`processes` rounds of `time_runtimes` in fresh processes, one at a time; per runtime the
@@ -152,10 +159,7 @@ def time_in_processes(model: str, split: int, ranks: str, directory: Path, threa
     for _ in range(processes):
         run = {"runtimes": {}, "load_average": []}
         for names in groups:
-            # spawn, not fork: a fresh interpreter that inherits nothing from this one (which ran
-            # the export: its heap, its threads).
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                part = pool.submit(time_runtimes, model, split, ranks, directory, threads, repeats, names).result()
+            part = in_fresh_process(time_runtimes, model, split, ranks, directory, threads, repeats, names)
             run["runtimes"].update(part["runtimes"])
             run["load_average"] += part["load_average"]
         for row in run["runtimes"].values():
