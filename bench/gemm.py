@@ -1,6 +1,6 @@
 """Benchmark: the device step's matrix products in onnxruntime (MLAS) against eager torch; writes docs/benchmarks.md.
 
-    .venv/bin/python bench/gemm.py [--model smollm2-135m] [--repeats 30] [--threads 1]
+    .venv/bin/python bench/gemm.py [--model smollm2-135m] [--repeats 30] [--threads 1,all]
 
 The device step is mostly the frozen projections' products (forward x W^T, backward dL/dy W),
 so how fast each library runs them bounds how far onnxruntime can get below eager. For every
@@ -12,10 +12,13 @@ projection shape of one transformer block at batch 4 x 128 tokens this times
 
 and, in onnxruntime only, the block's products that share an operand done as one product over
 concatenated weights (q+k+v, gate+up; forward and backward), against doing them one by one.
-All cases run in one process, round-robin (each repeat times every case once), median of
---repeats after 3 warm-up calls each; that in --processes fresh processes one after another (torch's
-speed at the same product varies between processes by up to a third on the 2-core machine here),
-with the median over them reported, all under the shared timing lock /tmp/hsplitlora-bench.lock.
+Cases run round-robin (each repeat times every case once), median of --repeats after 3 warm-up
+calls each; that in --processes fresh processes one after another (torch's speed at the same
+product varies between processes by up to a third on the 2-core machine here), with the median
+over them reported, all under the shared timing lock /tmp/hsplitlora-bench.lock. At one thread a
+round is one process timing both libraries; with more, as in `bench/runtimes.py`, each library
+gets a process of its own (their thread pools side by side slow one another) and onnxruntime's
+workers do not spin between calls, as the SDK's `OnnxRuntime` sets it.
 Raw results go to docs/results/gemm.json, the tables to the "gemm" section of docs/benchmarks.md.
 """
 
@@ -85,6 +88,11 @@ def ort_session(nodes: list, inputs: dict[str, list[int]], initializers: dict[st
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if threads != 1:
+        # As in the SDK's OnnxRuntime: every session here has a pool of its own, and workers left
+        # spinning after their session's call took the cores from the next session's (one block's
+        # products at 2 threads: 229-247 ms spinning, 41-44 ms not, 73 ms at one thread).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -181,14 +189,34 @@ def time_round_robin(cases: dict[str, Callable[[], object]], repeats: int) -> di
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
 
-def measure(hidden: int, kv: int, ffn: int, threads: int, repeats: int) -> dict[str, float]:
-    """Median ms of every case, in this process."""
+LIBRARIES = ("ort", "torch")
+
+
+def measure(hidden: int, kv: int, ffn: int, threads: int, repeats: int,
+            libraries: tuple[str, ...] = LIBRARIES) -> dict[str, float]:
+    """Median ms of every case of `libraries` (the fusion cases are onnxruntime's), in this process."""
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     m = BATCH * SEQ
-    cases = {**product_cases(block_products(hidden, kv, ffn), m, threads, rng),
-             **fusion_cases(hidden, kv, ffn, m, threads, rng)}
+    cases = product_cases(block_products(hidden, kv, ffn), m, threads, rng)
+    cases = {name: call for name, call in cases.items() if name.rsplit(" ", 1)[1] in libraries}
+    if "ort" in libraries:
+        cases.update(fusion_cases(hidden, kv, ffn, m, threads, rng))
     return time_round_robin(cases, repeats)
+
+
+def measure_in_processes(hidden: int, kv: int, ffn: int, threads: int, repeats: int, processes: int
+                         ) -> list[dict[str, float]]:
+    """`processes` rounds of `measure`, each in fresh processes: one for both libraries at one
+    thread, one per library with more."""
+    groups = [LIBRARIES] if threads == 1 else [(lib,) for lib in LIBRARIES]
+    runs = []
+    for _ in range(processes):
+        run = {}
+        for libraries in groups:
+            run.update(in_fresh_process(measure, hidden, kv, ffn, threads, repeats, libraries))
+        runs.append(run)
+    return runs
 
 
 def block_ratio(products: list[Product], ms: dict[str, float]) -> float:
@@ -197,48 +225,54 @@ def block_ratio(products: list[Product], ms: dict[str, float]) -> float:
             / sum(p.per_block * ms[f"{p.role} torch"] for p in products))
 
 
-def report(model: str, m: int, products: list[Product], runs: list[dict[str, float]], threads: int,
+def report(model: str, m: int, products: list[Product], runs_by_threads: dict[int, list[dict[str, float]]],
            repeats: int) -> str:
-    ms = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
-    ratios = [block_ratio(products, run) for run in runs]
-    rows, block = [], {"ort": 0.0, "torch": 0.0}
-    for p in products:
-        gflop = 2 * m * p.k * p.n / 1e9
-        o, t = ms[f"{p.role} ort"], ms[f"{p.role} torch"]
-        block["ort"] += p.per_block * o
-        block["torch"] += p.per_block * t
-        rows.append([p.role, f"{m} x {p.k} x {p.n}", p.per_block, f"{o:.2f}", f"{t:.2f}", f"{gflop / o * 1e3:.0f}",
-                     f"{gflop / t * 1e3:.0f}", f"**{o / t:.2f}**"])
-    rows.append(["one block", "", sum(p.per_block for p in products), f"{block['ort']:.1f}", f"{block['torch']:.1f}",
-                 "", "", f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f})"])
-    fusion = []
-    for direction in ("forward", "backward"):
-        for group in ("q+k+v", "gate+up"):
-            sep, cat = ms[f"{direction} {group} separate"], ms[f"{direction} {group} concatenated"]
-            fusion.append([f"{direction} {group}", f"{sep:.2f}", f"{cat:.2f}", f"**{cat / sep:.2f}**"])
+    rows, fusion = [], []
+    for threads, runs in runs_by_threads.items():
+        ms = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+        ratios = [block_ratio(products, run) for run in runs]
+        block = {"ort": 0.0, "torch": 0.0}
+        for p in products:
+            gflop = 2 * m * p.k * p.n / 1e9
+            o, t = ms[f"{p.role} ort"], ms[f"{p.role} torch"]
+            block["ort"] += p.per_block * o
+            block["torch"] += p.per_block * t
+            rows.append([p.role, f"{m} x {p.k} x {p.n}", p.per_block, threads, f"{o:.2f}", f"{t:.2f}",
+                         f"{gflop / o * 1e3:.0f}", f"{gflop / t * 1e3:.0f}", f"**{o / t:.2f}**"])
+        rows.append(["one block", "", sum(p.per_block for p in products), threads, f"{block['ort']:.1f}",
+                     f"{block['torch']:.1f}", "", "",
+                     f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f})"])
+        for direction in ("forward", "backward"):
+            for group in ("q+k+v", "gate+up"):
+                sep, cat = ms[f"{direction} {group} separate"], ms[f"{direction} {group} concatenated"]
+                fusion.append([f"{direction} {group}", threads, f"{sep:.2f}", f"{cat:.2f}", f"**{cat / sep:.2f}**"])
+    processes = len(next(iter(runs_by_threads.values())))
     return "\n".join([
         "## Matrix products: onnxruntime against eager torch (`bench/gemm.py`)",
         "",
         f"Model {model}, the frozen projections of one block at batch {BATCH} x {SEQ} (M = {m} rows): "
         f"onnxruntime's `MatMul` with the weight a constant initializer, as in the exported graphs, against "
-        f"the product as eager autograd runs it (`F.linear` forward, `dy @ W` backward). {threads} thread(s); "
-        f"in each of {len(runs)} fresh processes all cases round-robin, median of {repeats}; times are medians "
-        f"over the processes; measured {time.strftime('%Y-%m-%d')} on "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, under the shared timing lock.",
+        f"the product as eager autograd runs it (`F.linear` forward, `dy @ W` backward). Threads "
+        f"{', '.join(map(str, runs_by_threads))} (torch threads and onnxruntime intra-op threads). {processes} rounds "
+        f"of fresh processes one after another: at one thread one process times both libraries, with more each "
+        f"library has a process of its own and onnxruntime's workers do not spin between calls (as in the SDK); "
+        f"in a process its cases run round-robin, median of {repeats}; times are medians over the rounds; "
+        f"measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, under the shared "
+        f"timing lock.",
         "",
-        table(["product", "M x K x N", "per block", "onnxruntime ms", "torch ms", "onnxruntime GFLOP/s",
+        table(["product", "M x K x N", "per block", "threads", "onnxruntime ms", "torch ms", "onnxruntime GFLOP/s",
                "torch GFLOP/s", "onnxruntime / torch"], rows),
         "",
         "\"one block\" weights each product by how often one block's forward and backward run it (LoRA's "
         "rank-sized products left out): the step-time ratio a deep split tends to if everything but "
-        "these products cost the same in both. Its ratio is the median of the processes' ratios, their "
+        "these products cost the same in both. Its ratio is the median of the rounds' ratios, their "
         "range in parentheses.",
         "",
         "The products that share an operand as one product over concatenated weights, in onnxruntime "
         "(forward: `x @ [W_q | W_k | W_v]` then `Split`; backward: `[dq | dk | dv] @ [W_q | W_k | W_v]^T` "
         "instead of three products and two `Add`s):",
         "",
-        table(["products", "separate ms", "concatenated ms", "concatenated / separate"], fusion),
+        table(["products", "threads", "separate ms", "concatenated ms", "concatenated / separate"], fusion),
         "",
         "Raw results: `docs/results/gemm.json`.",
     ])
@@ -248,27 +282,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case (after 3 warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads and onnxruntime intra-op threads")
-    p.add_argument("--processes", type=int, default=5, help="fresh processes the cases are timed in")
+    p.add_argument("--threads", default="1,all",
+                   help="comma-separated thread counts (torch threads and onnxruntime intra-op threads); "
+                        "'all' = every core")
+    p.add_argument("--processes", type=int, default=5, help="rounds of fresh processes the cases are timed in")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "gemm.json")
     p.add_argument("--no-doc", action="store_true", help="write the JSON only, not docs/benchmarks.md")
     args = p.parse_args()
+    threads = [os.cpu_count() if n == "all" else int(n) for n in args.threads.split(",")]
     config = load_model(args.model)[0].config
     hidden, ffn = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     m = BATCH * SEQ
     products = block_products(hidden, kv, ffn)
-    runs = []
     with bench_lock():
-        for _ in range(args.processes):
-            runs.append(in_fresh_process(measure, hidden, kv, ffn, args.threads, args.repeats))
+        runs = {n: measure_in_processes(hidden, kv, ffn, n, args.repeats, args.processes) for n in threads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "model": args.model, "m": m, "threads": args.threads, "repeats": args.repeats, "processes": args.processes,
+        "model": args.model, "m": m, "repeats": args.repeats, "processes": args.processes,
         "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-        "tools": tool_versions(), "block_ratio_per_process": [round(block_ratio(products, r), 3) for r in runs],
-        "ms_per_process": [{k: round(v, 3) for k, v in r.items()} for r in runs]}, indent=1) + "\n")
-    body = report(args.model, m, products, runs, args.threads, args.repeats)
+        "tools": tool_versions(),
+        "threads": {str(n): {"block_ratio_per_process": [round(block_ratio(products, r), 3) for r in rs],
+                             "ms_per_process": [{k: round(v, 3) for k, v in r.items()} for r in rs]}
+                    for n, rs in runs.items()}}, indent=1) + "\n")
+    body = report(args.model, m, products, runs, args.repeats)
     if not args.no_doc:
         replace_section(ROOT / "docs" / "benchmarks.md", "gemm", body)
     print(body)
