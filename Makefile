@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 # A server and 5 heterogeneous client processes on 127.0.0.1 fine-tune SmolLM2-135M on E2E.
-# More threads than cores: OpenMP threads that wait sleep rather than spin (hsplitlora/demo.py
+# More threads than cores: OpenMP threads that wait sleep rather than spin (app/demo.py
 # sets it for the processes it starts; this is for its own, which evaluates before and after).
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/hsplitlora demo --out runs/demo.json

@@ -51,7 +51,7 @@ async def _worker_steps(args: argparse.Namespace) -> dict:
     import torch
 
     import edge_sdk.client  # noqa: F401  (the client's runtime: its imports are part of the baseline)
-    from edge_sdk.profile import process_memory
+    from edge_sdk.cgroups import process_memory
     from hsplitlora.cost import ModelDims
     from hsplitlora.lora import apply_lora
     from hsplitlora.models import load_model
@@ -214,17 +214,17 @@ def main() -> None:
     from methods import replace_section
 
     from edge_sdk.profile import profile_device
-    from hsplitlora.demo import _free_port, _wait_healthy
+    from app.demo import free_port, wait_healthy
 
     with TemporaryDirectory() as state:
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "hsplitlora", "server", "--model", args.model, "--port", str(port),
+            [sys.executable, "-m", "app", "server", "--model", args.model, "--port", str(port),
              "--state", state, "--batch-size", str(args.batch), "--max-len", str(args.seq)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, server)
+            wait_healthy(url, server)
             profile = profile_device(args.model, args.batch, args.seq, url, args.threads).to_dict()
             print(json.dumps(profile, indent=1), flush=True)
             splits = [int(s) for s in args.splits.split(",")]

@@ -20,7 +20,8 @@ import torch
 
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.report import plot_validation, results_table
-from hsplitlora.simulate import METHODS, SimConfig, simulate
+from hsplitlora.federation.strategies import METHODS
+from hsplitlora.simulate import SimConfig, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"

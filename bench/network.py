@@ -33,7 +33,7 @@ from peft import LoraConfig, get_peft_model
 from edge_sdk.client import AsyncClient
 from hsplitlora.cost import ModelDims, StepShape, device_memory
 from hsplitlora.data import default_e2e_dir, endless_batches, load_e2e_train
-from hsplitlora.demo import _free_port, _wait_healthy
+from app.demo import free_port, wait_healthy
 from hsplitlora.lora import Target, module_path
 from hsplitlora.models import load_model
 from hsplitlora.report import table
@@ -87,14 +87,14 @@ def peft_trainer(model_name: str):
 
 
 def start_server(model: str, state: Path, wire: str, budget_clients: int, steps: int):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hsplitlora", "server", "--model", model, "--port", str(port), "--state", str(state),
+        [sys.executable, "-m", "app", "server", "--model", model, "--port", str(port), "--state", str(state),
          "--local-steps", str(steps), "--batch-size", str(BATCH), "--max-len", str(SEQ), "--wire", wire,
          "--rank-set", str(RANK), "--projections", ",".join(PROJECTIONS), "--clients-per-round", str(budget_clients)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, proc)
+    wait_healthy(url, proc)
     return proc, url
 
 

@@ -173,3 +173,37 @@ def _write(path: Path, text: str) -> None:
     # "r+" creates nothing: in a directory that is not a cgroup fs the control file is missing.
     with path.open("r+") as f:
         f.write(text)
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        raise RuntimeError("cannot tell the available memory: no /proc/meminfo and no psutil") from None
+    return int(psutil.virtual_memory().available)
+
+
+def available_memory() -> int:
+    """Bytes this device can still give a process: MemAvailable, bounded by what the limits of this
+    process's cgroup and its ancestors leave (`headroom`)."""
+    available = _meminfo_available()
+    room = headroom()
+    return available if room is None else min(available, room)
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident bytes from /proc/self/status: VmRSS (now), VmHWM (peak), RssAnon."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
+                out[key] = int(value.split()[0]) * 1024
+    return out

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from edge_sdk.client import ClientConfig
+from hsplitlora.configs import add_arguments, from_arguments
+from hsplitlora.data import DATA_HELP
+from hsplitlora.federation.protocol import Route
 
-def parse_bytes(text: str) -> float:
-    """'2GB', '512MiB', '1.5e9' -> bytes (powers of 1024 for GiB/MiB, of 1000 for GB/MB)."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (try 2GB, 512MiB or a number of bytes)")
-    number, prefix, binary = float(match[1]), match[2].upper(), bool(match[3])
-    return number * (1024 if binary else 1000) ** " KMGT".index(prefix or " ")
+DEFAULT_MEMORY_BUDGET = 2e9  # without a profile or a --memory-budget, the training memory a device gives
 
 
 def add_parser(sub) -> None:
@@ -27,30 +24,16 @@ def add_parser(sub) -> None:
                     "the model train here on your data; only activations, labels and adapters leave the device.",
     )
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--data", type=Path, required=True, help="JSONL of {\"prompt\", \"completion\"} or an E2E directory")
-    p.add_argument("--token", help="resume as the client holding this token (printed at first registration)")
-    p.add_argument("--memory-budget", type=parse_bytes,
-                   help="memory this device gives training: with --profile, the peak resident memory of this whole "
-                        "process (default: the profile's share of the free memory); without, the training memory "
-                        "of the cost model (default: 2GB)")
+    p.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     p.add_argument("--profile", metavar="FILE|auto",
                    help="plan from this device's measurements: a JSON written by `hsplitlora profile`, or 'auto' to "
                         "measure now against the server (about 15 s on SmolLM2-135M)")
-    p.add_argument("--step-time-budget", type=float, metavar="SECONDS",
-                   help="longest device step (forward, transfers, backward) this device accepts; needs --profile")
-    p.add_argument("--relative-speed", type=float, help="this device's compute relative to the weakest (optional)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to take part in (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch threads on this device (default: torch's choice)")
-    p.add_argument("--runtime", choices=("torch", "onnxruntime", "executorch", "auto"), default="torch",
-                   help="what runs the device segment: eager torch (default), or an exported artifact the server "
-                        "builds for this plan, in onnxruntime or ExecuTorch; auto = the first installed of "
-                        "onnxruntime, torch, executorch")
-    p.add_argument("--artifact-dir", type=Path,
-                   help="where downloaded artifacts are kept (default: ~/.cache/hsplitlora/artifacts)")
     p.add_argument("--save", type=Path, help="write the device's merged weights and plan here at the end")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON object per step instead of a progress bar (for supervisors)")
     p.add_argument("--cafile", type=Path, help="CA certificate to trust for an HTTPS server")
+    add_arguments(p.add_argument_group("how this device takes part"), ClientConfig)
     p.set_defaults(func=run)
 
 
@@ -68,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
     context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
     emit = _json_progress if args.progress_json else None
     profile = _device_profile(args, context, emit)
-    memory = args.memory_budget if args.memory_budget or profile else parse_bytes("2GB")
-    client = Client(args.server, load_examples(args.data), memory, profile=profile,
-                    step_time_budget=args.step_time_budget, relative_speed=args.relative_speed, token=args.token,
-                    ssl=context, runtime=args.runtime, artifact_dir=args.artifact_dir, threads=args.threads)
+    memory = args.memory_budget if args.memory_budget or profile else DEFAULT_MEMORY_BUDGET
+    client = Client(args.server, load_examples(args.data), ssl=context,
+                    config=from_arguments(ClientConfig, args, memory_budget=memory, profile=profile))
     try:
         plan = client.register()
     except (PlanDoesNotFit, ServerError) as e:
@@ -90,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if predicted:
             print(f"predicted from this device's profile: {predicted.seconds:.2f} s per step, peak "
                   f"{predicted.peak_rss_bytes / 2**20:.0f} MiB resident")
-    steps = inner.settings["local_steps"]
+    steps = inner.settings.local_steps
     bar = None if emit else tqdm(total=args.rounds * steps, desc=inner.client_id, unit="step")
 
     def progress(round_number: int, step: int, loss: float) -> None:
@@ -127,7 +109,7 @@ def _device_profile(args: argparse.Namespace, ssl_context, emit) -> dict | None:
         return DeviceProfile.load(args.profile).to_dict()
     import urllib.request
 
-    with urllib.request.urlopen(args.server.rstrip("/") + "/v1/settings", timeout=30, context=ssl_context) as r:
+    with urllib.request.urlopen(args.server.rstrip("/") + Route.SETTINGS, timeout=30, context=ssl_context) as r:
         settings = json.loads(r.read())
     profile = profile_device(settings["model"], settings["batch_size"], settings["max_len"], args.server,
                              args.threads, ssl=ssl_context)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from edge_sdk import cgroups
+from edge_sdk.cgroups import available_memory, process_memory
 
 DEFAULT_BATCH, DEFAULT_SEQ = 4, 128  # the server's defaults (server/config.py)
 LORA_PROBE_RANK = 8
@@ -119,40 +119,6 @@ class DeviceProfile:
 
 
 # ----- memory --------------------------------------------------------------------------------
-def _meminfo_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-    except ImportError:
-        raise RuntimeError("cannot tell the available memory: no /proc/meminfo and no psutil") from None
-    return int(psutil.virtual_memory().available)
-
-
-def available_memory() -> int:
-    """Bytes this device can still give a process: MemAvailable, bounded by what the limits of this
-    process's cgroup and its ancestors leave (`edge_sdk.cgroups.headroom`)."""
-    available = _meminfo_available()
-    room = cgroups.headroom()
-    return available if room is None else min(available, room)
-
-
-def process_memory() -> dict[str, int]:
-    """This process's resident bytes from /proc/self/status: VmRSS (now), VmHWM (peak), RssAnon."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def _runtime_probe(model_name: str, threads: int, batch: int, seq: int, blocks: int = 2, steps: int = 5) -> dict:
     """Run in a fresh process: the resident baseline, then the anonymous memory a short training adds."""
     torch.set_num_threads(threads)
@@ -316,7 +282,9 @@ async def measure_link(server: str, payload_bytes: int, repeats: int = 3, ssl=No
     """
     import aiohttp
 
-    url = server.rstrip("/") + "/v1/probe"
+    from hsplitlora.federation.protocol import Route
+
+    url = server.rstrip("/") + Route.PROBE
     payload = os.urandom(payload_bytes)  # random: nothing on the way can compress it
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 

@@ -10,8 +10,8 @@ import importlib
 # `hsplitlora --help` and the other subcommands should not pay.
 _LAZY = {
     "FORMATS": "export.pipeline", "build": "export.pipeline", "parse_formats": "export.pipeline",
-    "main": "export.cli", "Artifact": "export.manifest", "Manifest": "export.manifest",
-    "TensorSpec": "export.manifest", "DEFAULT_RTOL": "export.verify", "VerificationError": "export.verify",
+    "main": "export.cli", "Artifact": "hsplitlora.federation.manifest", "Manifest": "hsplitlora.federation.manifest",
+    "TensorSpec": "hsplitlora.federation.manifest", "DEFAULT_RTOL": "hsplitlora.federation.manifest", "VerificationError": "export.verify",
 }
 __all__ = sorted(_LAZY)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 
-DEFAULT_RTOL = 1e-5  # verification bound, relative to the largest |h| / |gradient|
+from export.config import ExportConfig
+from hsplitlora.configs import add_arguments as config_arguments
+from hsplitlora.configs import from_arguments
 
 DESCRIPTION = """\
 Export the device segment of a model (embeddings + blocks[0:K]) with trainable LoRA as a joint
@@ -38,32 +41,7 @@ See docs/export.md for shipping the result to devices.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="model name (smollm2-135m, tiny-llama, tiny-gpt2) or a transformers "
-                             "directory (default: %(default)s)")
-    parser.add_argument("--split", type=int, required=True, metavar="K",
-                        help="cut after block K: the device runs the embeddings and blocks 0..K-1")
-    parser.add_argument("--ranks", default="q=8,v=8", metavar="SPEC",
-                        help="LoRA ranks, e.g. 'q=8,v=8' (every layer), '0-1:q=16', '1.down=4'; "
-                             "targets at or past the split are the server's and are left out "
-                             "(default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=16.0,
-                        help="LoRA alpha; the update is scaled by alpha/rank (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, metavar="B",
-                        help="batch size, fixed in the artifact (default: %(default)s)")
-    parser.add_argument("--seq", type=int, default=128, metavar="T",
-                        help="sequence length, fixed in the artifact: pad or cut batches to it "
-                             "(default: %(default)s)")
-    parser.add_argument("--format", default="both", choices=("onnx", "pte", "both"),
-                        help="artifact format (default: %(default)s)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory; must be new, empty, or an earlier export (replaced)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="verification bound: max error relative to the largest |h| / |gradient| "
-                             "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1234,
-                        help="seed of the random verification input (default: %(default)s)")
-    return parser
+    return config_arguments(parser, ExportConfig)
 
 
 def build_parser(prog: str = "hsplitlora export") -> argparse.ArgumentParser:
@@ -78,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from export.verify import VerificationError
 
     try:
-        manifest = build(args.model, args.split, args.ranks, alpha=args.alpha, batch=args.batch,
-                         seq=args.seq, formats=args.format, out_dir=args.out, rtol=args.rtol,
-                         seed=args.seed)
+        manifest = build(**asdict(from_arguments(ExportConfig, args)))
     except VerificationError as e:
         print(f"export failed verification: {e}", file=sys.stderr)
         return 1
@@ -94,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in art.bytes.items())
         print(f"  {fmt}: {sizes}; export {art.export_seconds:.1f} s; parity h {art.parity['h']:.1e}, "
               f"grads {art.parity['grads']:.1e} (bound {manifest.tolerance:.0e})")
-    print(f"wrote {args.out}/manifest.json")
+    print(f"wrote {args.out_dir}/manifest.json")
     return 0
 
 

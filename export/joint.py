@@ -21,7 +21,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from export.passes import prepare_joint
-from hsplitlora.lora import LoRALinear
+from hsplitlora.lora import LoRALinear, Target
 from hsplitlora.split import Segment
 
 USER_INPUTS = ("input_ids", "attention_mask", "upstream_grad")
@@ -53,7 +53,7 @@ def lora_parameters(segment: Segment) -> dict[str, tuple[str, nn.Parameter]]:
             for proj, factors in module.adapters.items():
                 for which in ("A", "B"):
                     fqn = f"blocks.{offset}.{name}.adapters.{proj}.{which}"
-                    found[(layer, proj, which)] = (f"{layer}.{proj}.{which}", fqn, getattr(factors, which))
+                    found[(layer, proj, which)] = (Target(layer, proj).key(which), fqn, getattr(factors, which))
     return {key: (fqn, p) for key, fqn, p in (found[k] for k in sorted(found))}
 
 

@@ -23,11 +23,12 @@ from transformers import PreTrainedModel
 
 from export import executorch_backend as et_backend
 from export import onnx_backend
+from export.config import ExportConfig
 from export.frozen import adapted_weights, locate
 from export.joint import JointProgram, eager_step, export_joint, lora_parameters
-from export.manifest import MANIFEST, SCHEMA, Artifact, Manifest, TensorSpec
+from hsplitlora.federation.manifest import MANIFEST, SCHEMA, Artifact, Manifest, TensorSpec
 from hsplitlora.hashing import sha256_file
-from export.verify import DEFAULT_RTOL, VerificationError, compare, verification_inputs
+from export.verify import VerificationError, compare, verification_inputs
 from hsplitlora.family import family_of, num_layers
 from hsplitlora.importance import all_targets
 from hsplitlora.lora import Target, adapters, apply_lora, lora_layer, parse_ranks
@@ -144,14 +145,14 @@ def build(
     model: str | PreTrainedModel,
     split: int,
     ranks: str | dict[Target, int] | None,
-    alpha: float = 16.0,
-    batch: int = 4,
-    seq: int = 128,
-    formats: str | list[str] | tuple[str, ...] = "both",
+    alpha: float = ExportConfig.alpha,
+    batch: int = ExportConfig.batch,
+    seq: int = ExportConfig.seq,
+    formats: str | list[str] | tuple[str, ...] = ExportConfig.formats,
     out_dir: str | Path = "device-segment",
     *,
-    rtol: float = DEFAULT_RTOL,
-    seed: int = 1234,
+    rtol: float = ExportConfig.rtol,
+    seed: int = ExportConfig.seed,
 ) -> Manifest:
     """Export the device segment (embeddings + blocks[0:split]) with trainable LoRA.
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from export.pipeline import build
-from export.manifest import Manifest
+from hsplitlora.federation.manifest import Manifest
 
 _ROOT: Path | None = None
 _BUILT: dict[tuple, tuple[Path, Manifest]] = {}

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from export.cli import DEFAULT_RTOL  # one definition, in the module that is light to import
+from hsplitlora.lora import Target
+
 
 
 class VerificationError(RuntimeError):
@@ -71,6 +72,6 @@ def verification_inputs(batch: int, seq: int, hidden: int, vocab: int,
     upstream = torch.randn(batch, seq, hidden, generator=gen)
     lora = {}
     for key, shape in lora_shapes.items():
-        std = shape[1] ** -0.5 if key.endswith(".A") else 0.1
+        std = shape[1] ** -0.5 if Target.from_key(key)[1] == "A" else 0.1
         lora[key] = torch.randn(shape, generator=gen) * std
     return ids, mask, upstream, lora

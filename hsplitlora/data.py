@@ -44,6 +44,9 @@ class EvalItem:
     references: tuple[str, ...]
 
 
+DATA_HELP = 'an E2E directory (devset.csv, testset_w_refs.csv) or a JSONL file of {"prompt", "completion"} objects'
+
+
 def default_e2e_dir() -> Path:
     """`$HSPLITLORA_E2E_DIR`, else `../shared/data/e2e` beside the repository."""
     env = os.environ.get("HSPLITLORA_E2E_DIR")

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hsplitlora.adapters import save_adapter, save_merged
+from hsplitlora.configs import ALPHA_HELP, LR_HELP, SEED_HELP, option
 from hsplitlora.data import (
+    DATA_HELP,
     EvalItem,
     Example,
     batches,
@@ -32,7 +34,7 @@ from hsplitlora.family import num_layers
 from hsplitlora.generate import generate
 from hsplitlora.lora import apply_lora, parse_ranks
 from hsplitlora.metrics import e2e_scores, perplexity
-from hsplitlora.models import DEFAULT_MODEL, load_model
+from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP, load_model
 from hsplitlora.report import jsonable
 from hsplitlora.split import whole_model
 from hsplitlora.train import make_optimizer, mean_loss
@@ -44,28 +46,29 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """What the evaluation covers; small defaults keep a CPU run in minutes."""
 
-    loss_items: int = 20  # test inputs whose (input, reference) pairs give the test loss
-    generate_items: int = 40  # test inputs generated and scored with the E2E metrics
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    coco: bool = True  # METEOR / ROUGE-L / CIDEr (needs Java; ~20 s start-up)
+    loss_items: int = option(20, flag="--eval-items", help="test inputs whose references give the test loss")
+    generate_items: int = option(40, help="test inputs generated and scored with the E2E metrics")
+    max_new_tokens: int = option(64, help="most tokens generated per test input")
+    batch_size: int = option(16, flag="--eval-batch-size", help="test inputs per evaluation batch")
+    coco: bool = option(True, help="METEOR, ROUGE-L and CIDEr too (Java, about 20 s to start)")
 
 
 @dataclass
 class FinetuneConfig:
     """A centralised LoRA fine-tune (`hsplitlora finetune`)."""
 
-    model: str = DEFAULT_MODEL
-    data: Path = field(default_factory=default_e2e_dir)
-    ranks: str = "q=8,v=8"
-    alpha: float = 16.0
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
-    max_len: int = 160
-    seed: int = 0
-    adapter_out: Path | None = None
-    merged_out: Path | None = None
+    model: str = option(DEFAULT_MODEL, help=MODEL_HELP)
+    data: Path = option(default_factory=default_e2e_dir, help=DATA_HELP)
+    ranks: str = option("q=8,v=8", help="LoRA ranks: 'q=8,v=8' for every layer, '0-3:up=16', '5.down=4'; "
+                                         "comma-separated, later items win")
+    alpha: float = option(16.0, help=ALPHA_HELP)
+    steps: int = option(60, help="optimizer steps")
+    batch_size: int = option(8, help="examples per step")
+    lr: float = option(1e-3, help=LR_HELP)
+    max_len: int = option(160, help="max tokens per example")
+    seed: int = option(0, help=SEED_HELP)
+    adapter_out: Path | None = option(None, flag="--save-adapter", help="write the trained adapter here (PEFT format)")
+    merged_out: Path | None = option(None, flag="--save-merged", help="write a merged model directory here")
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

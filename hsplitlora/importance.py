@@ -89,6 +89,10 @@ class SensitivityProbe:
             h.remove()
         self._handles = []
 
+    def normalised(self) -> dict[Target, float]:
+        """The scores so far, resource-normalised (`resource_normalised`): what a round reports."""
+        return resource_normalised(self.model, self.scores)
+
 
 def sensitivity(
     model: PreTrainedModel, targets: list[Target], run_loss: Callable[[], torch.Tensor]

@@ -40,6 +40,9 @@ def init_generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+TENSOR_KINDS = ("A", "B", "delta")  # the tensors of a target that travel and rest: factors, dense change
+
+
 @dataclass(frozen=True, order=True)
 class Target:
     """One adaptable weight: a block index and a projection name (q, k, v, o, gate, up, down)."""
@@ -56,6 +59,21 @@ class Target:
         if not match:
             raise ValueError(f"bad target {text!r}: expected '<layer>.<projection>', e.g. '3.q'")
         return cls(int(match[1]), match[2])
+
+    def key(self, kind: str) -> str:
+        """The name of one of its tensors, as files and the wire carry them: '3.q.A', '3.q.B'
+        (LoRA factors), '3.q.delta' (a dense change of the weight)."""
+        if kind not in TENSOR_KINDS:
+            raise ValueError(f"tensor kind must be one of {', '.join(TENSOR_KINDS)}, got {kind!r}")
+        return f"{self}.{kind}"
+
+    @classmethod
+    def from_key(cls, key: str) -> tuple[Target, str]:
+        """'3.q.A' -> (Target(3, 'q'), 'A'); ValueError for a name that is no tensor of a target."""
+        head, _, kind = key.rpartition(".")
+        if kind not in TENSOR_KINDS:
+            raise ValueError(f"bad tensor name {key!r}: expected '<layer>.<projection>.<{'|'.join(TENSOR_KINDS)}>'")
+        return cls.parse(head), kind
 
 
 class LoRAFactors(nn.Module):
@@ -261,8 +279,8 @@ def lora_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed '<layer>.<proj>.A' / '.B' (the project's own wire and checkpoint names)."""
     state: dict[str, torch.Tensor] = {}
     for target, factors in adapters(model).items():
-        state[f"{target}.A"] = factors.A.detach()
-        state[f"{target}.B"] = factors.B.detach()
+        state[target.key("A")] = factors.A.detach()
+        state[target.key("B")] = factors.B.detach()
     return state
 
 

@@ -35,6 +35,7 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 NAMED_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
+MODEL_HELP = f"{', '.join(NAMED_MODELS)}, or a local transformers causal-LM directory"
 TINY_FORMAT = "v1"  # bump when tiny configs change, so stale cached copies are not reused
 
 

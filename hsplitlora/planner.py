@@ -28,6 +28,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
+from hsplitlora.configs import option
 from hsplitlora.cost import (
     MemoryBreakdown,
     ModelDims,
@@ -63,12 +64,16 @@ class Budget:
 class PlannerConfig:
     """Knobs of the planner; the defaults follow the method notes §3.2."""
 
-    rank_set: tuple[int, ...] = (2, 4, 8, 16)  # Q; SplitLoRA swept 1..8, 16 leaves headroom
-    reserve: float = 0.25  # share of the budget the split leaves for adapters, slack, transients
-    candidates: tuple[str, ...] | None = None  # projection names; None = all of the family
-    replan_threshold: float = 0.05  # re-plan if the objective improves by more than 5 %
-    jaccard_threshold: float = 0.8  # ... or the adapted set changes (Jaccard below 0.8)
-    bytes_per_param: int = 4  # compute dtype of frozen weights and activations (fp32)
+    # Q: SplitLoRA swept 1..8, 16 leaves headroom.
+    rank_set: tuple[int, ...] = option((2, 4, 8, 16), help="the ranks Q the planner chooses from")
+    reserve: float = option(0.25, help="share of a budget the split leaves for adapters, slack and transients")
+    candidates: tuple[str, ...] | None = option(
+        None, flag="--projections", metavar="PROJ,...",
+        help="the only projections adapted, on devices and server, e.g. q,v (default: every projection of the "
+             "model's family; the importance scores choose)")
+    replan_threshold: float = option(0.05, help="re-plan a client if the objective improves by more than this share")
+    jaccard_threshold: float = option(0.8, help="... or if the adapted set changes (Jaccard index below this)")
+    bytes_per_param: int = option(4, cli=False, help="bytes of a frozen weight and an activation (fp32)")
 
     def __post_init__(self):
         if not self.rank_set or list(self.rank_set) != sorted(set(self.rank_set)) or self.rank_set[0] < 1:

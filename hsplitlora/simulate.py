@@ -5,12 +5,9 @@ server side of its cut) and its optimizer, swapped in for its steps. A split ste
 machines: the device segment's output is detached, the server segment computes the loss and the
 gradient at the cut, and the device backpropagates that gradient.
 
-Methods:
-- hsplitlora: per-client split + ranks from importance and budget (planner), the client's own
-  server-side adapters, noise-free aggregation (naa) every round, merge + re-init, re-plan.
-- splitlora: one split and one rank for all (the largest the weakest client fits), q/v, fedavg.
-- hetlora / flexlora: federated LoRA (each client the whole model), q/v, per-client ranks by budget.
-- cenlora: all data in one place, one LoRA on q/v (the upper bound), as many steps as all clients.
+Each method is a strategy (`hsplitlora.federation.strategies`: hsplitlora, splitlora, hetlora,
+flexlora, cenlora) and a round ends in `hsplitlora.federation.round.close_round`, as on the server.
+A centralised strategy (cenlora) trains one client on all the data, as many steps as all clients.
 """
 
 from __future__ import annotations
@@ -27,9 +24,11 @@ import torch
 from tqdm import tqdm
 
 from hsplitlora.adapters import save_adapter, save_merged
-from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
+from hsplitlora.aggregation import LowRank
+from hsplitlora.configs import ALPHA_HELP, LR_HELP, SEED_HELP, option
 from hsplitlora.cost import ModelDims, StepShape, device_memory
 from hsplitlora.data import (
+    DATA_HELP,
     Batch,
     Example,
     batches,
@@ -38,15 +37,10 @@ from hsplitlora.data import (
     load_examples,
     shard,
 )
+from hsplitlora.federation.round import Contribution, close_round, run_progress
+from hsplitlora.federation.strategies import METHODS, SERVER_SPEED, Participant, PlanContext, Strategy, strategy
 from hsplitlora.finetune import EvalConfig, evaluate, split_eval, spread
-from hsplitlora.importance import (
-    ImportanceTracker,
-    SensitivityProbe,
-    all_targets,
-    fill_unscored,
-    mean_scores,
-    resource_normalised,
-)
+from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, resource_normalised
 from hsplitlora.lora import (
     LoRAFactors,
     Target,
@@ -56,60 +50,58 @@ from hsplitlora.lora import (
     lora_layer,
 )
 from hsplitlora.metrics import perplexity
-from hsplitlora.models import DEFAULT_MODEL, load_model
-from hsplitlora.planner import (
-    Budget,
-    Plan,
-    PlannerConfig,
-    minimum_budget,
-    plan_device,
-    server_ranks,
-    should_replan,
-    uniform_importance,
-)
+from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP, load_model
+from hsplitlora.planner import Budget, Plan, PlannerConfig, minimum_budget, uniform_importance
 from hsplitlora.report import jsonable
 from hsplitlora.split import Segment, split_model, whole_model
 from hsplitlora.train import make_optimizer, mean_loss
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hsplitlora", "splitlora", "hetlora", "flexlora", "cenlora")
-AGGREGATOR_OF = {"hsplitlora": "naa", "splitlora": "fedavg", "hetlora": "hetlora", "flexlora": "flexlora"}
-BASELINE_PROJECTIONS = ("q", "v")  # where SplitLoRA's code puts LoRA
-
 
 @dataclass
-class SimConfig:
-    """One simulated federation (`hsplitlora simulate`)."""
+class FederationConfig:
+    """A federation's model, data and size (what the simulation and `hsplitlora demo` share)."""
 
-    method: str = "hsplitlora"
-    model: str = DEFAULT_MODEL
-    data: Path = field(default_factory=default_e2e_dir)
-    clients: int = 5
-    rounds: int = 3
-    local_steps: int = 4
-    batch_size: int = 4
-    max_len: int = 128
-    lr: float = 1e-3
-    alpha: float = 16.0
-    seed: int = 0
-    iid: bool = False
-    device_scores: bool = True  # devices score their blocks' importance (not when they run exported segments)
-    budget_spread: float = 4.0  # strongest / weakest device budget, as in the paper's setting
-    server_speed: float = 2.0  # the server's compute per client, relative to the weakest device
-    baseline_rank: int = 8  # cenlora's rank
-    val_pairs: int = 32  # held-out dev pairs for the per-round validation PPL
+    model: str = option(DEFAULT_MODEL, help=MODEL_HELP)
+    data: Path = option(default_factory=default_e2e_dir, help=DATA_HELP)
+    clients: int = option(5, help="number of clients (devices)")
+    rounds: int = option(3, help="aggregation rounds")
+    local_steps: int = option(4, help="local steps per client per round")
+    batch_size: int = option(4, help="examples per step")
+    max_len: int = option(128, help="max tokens per example")
+    budget_spread: float = option(4.0, help="strongest / weakest device memory budget, as in the paper's setting")
     eval: EvalConfig = field(default_factory=EvalConfig)
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.budget_spread < 1:
             raise ValueError(f"--budget-spread must be >= 1, got {self.budget_spread}")
+
+
+@dataclass
+class SimConfig(FederationConfig):
+    """One simulated federation (`hsplitlora simulate`)."""
+
+    method: str = option("hsplitlora", choices=METHODS,
+                         help="hsplitlora (ours), splitlora, hetlora, flexlora, or cenlora (centralised upper bound)")
+    lr: float = option(1e-3, help=LR_HELP)
+    alpha: float = option(16.0, help=ALPHA_HELP)
+    seed: int = option(0, help=SEED_HELP)
+    iid: bool = option(False, help="IID shards (off: non-IID, by restaurant)")
+    device_scores: bool = option(True, help="devices score their blocks' importance (off: as with exported segments)")
+    server_speed: float = option(SERVER_SPEED, help="the server's compute per client, relative to the weakest device")
+    val_pairs: int = option(32, help="held-out dev pairs for the per-round validation perplexity")
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.strategy()  # an unknown method is refused here
+
+    def strategy(self) -> Strategy:
+        return strategy(self.method)
 
 
 @dataclass
@@ -139,13 +131,15 @@ class Federation:
 
     def __init__(self, cfg: SimConfig):
         self.cfg = cfg
+        self.strategy = cfg.strategy()
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.model)
         self.dims = ModelDims.from_config(self.model.config)
         self.shape = StepShape(cfg.batch_size, cfg.max_len)
+        self.targets = all_targets(self.model)
         pool, self.test_items = split_eval(Path(cfg.data), load_examples(cfg.data), cfg.seed)
         train, self.val = self._hold_out(pool)
-        n_shards = 1 if cfg.method == "cenlora" else cfg.clients
+        n_shards = cfg.clients if self.strategy.federated else 1
         shards = shard(train, n_shards, iid=cfg.iid or n_shards == 1, seed=cfg.seed)
         budgets = device_budgets(self.dims, self.shape, n_shards, cfg.budget_spread, cfg.planner)
         self.clients = [
@@ -156,9 +150,9 @@ class Federation:
         self.tracker = ImportanceTracker()
         self.importance = uniform_importance(self.dims, cfg.planner)
         self.segments: dict[int, tuple[Segment, Segment]] = {}
-        # cenlora's one client sees as many batches per round as all federated clients together.
-        self.local_steps = cfg.local_steps * (cfg.clients if cfg.method == "cenlora" else 1)
-        self.global_factors: dict[Target, LowRank] = {}  # non-merging methods: the global adapter
+        # A centralised run's one client sees as many batches per round as all federated clients together.
+        self.local_steps = cfg.local_steps * (1 if self.strategy.federated else cfg.clients)
+        self.global_factors: dict[Target, LowRank] = {}  # non-merging strategies: the global adapter
         self.bytes_up = self.bytes_down = 0
         self.round = 1  # the round being trained, numbered as the server does; seeds fresh adapters
 
@@ -170,46 +164,22 @@ class Federation:
         return [ex for ex in pool if ex.prompt not in held], val
 
     # ----- plans -------------------------------------------------------------------------------
-    def _ranks_for(self, client: SimClient) -> dict[Target, int]:
-        cfg, m = self.cfg, self.cfg.method
-        n = self.dims.layers
-        if m == "hsplitlora":
-            # The device takes at most its share of this client's pipeline compute (device + server).
-            compute_share = client.speed / (client.speed + cfg.server_speed)
-            new = plan_device(self.dims, self.importance, client.budget, self.shape, cfg.planner, compute_share)
-            if client.plan is None or should_replan(client.plan, new, False, cfg.planner, self.importance):
-                client.plan = new
-            client.split = client.plan.split
-            return {**client.plan.ranks, **server_ranks(self.dims, client.split, self.importance, cfg.planner)}
-        if m == "splitlora":
-            client.split, rank = self._common_split_and_rank()
-            return {Target(i, p): rank for i in range(n) for p in BASELINE_PROJECTIONS}
-        if m == "cenlora":
-            return {Target(i, p): cfg.baseline_rank for i in range(n) for p in BASELINE_PROJECTIONS}
-        # hetlora / flexlora: ranks by budget tier, weakest -> smallest rank of Q.
-        order = sorted(range(len(self.clients)), key=lambda i: self.clients[i].budget.memory_bytes)
-        tier = order.index(self.clients.index(client))
-        q = cfg.planner.rank_set
-        rank = q[min(tier * len(q) // len(self.clients), len(q) - 1)]
-        return {Target(i, p): rank for i in range(n) for p in BASELINE_PROJECTIONS}
-
-    def _common_split_and_rank(self) -> tuple[int, int]:
-        """SplitLoRA: the deepest split and the largest rank that the weakest client fits."""
-        weakest = min(self.clients, key=lambda c: c.budget.memory_bytes)
-        for split in range(self.dims.layers - 1, 0, -1):
-            for rank in reversed(self.cfg.planner.rank_set):
-                ranks = {Target(i, p): rank for i in range(split) for p in BASELINE_PROJECTIONS}
-                if device_memory(self.dims, split, ranks, self.shape).total <= weakest.budget.memory_bytes:
-                    return split, rank
-        raise ValueError("the weakest client fits no split")
+    def _context(self) -> PlanContext:
+        return PlanContext(self.dims, self.shape, self.cfg.planner, self.importance,
+                           [c.budget for c in self.clients], self.cfg.server_speed)
 
     def _reset_adapters(self, client: SimClient, start: dict[Target, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Fresh adapters at the client's ranks (or given starting factors) and a fresh optimizer."""
-        ranks = self._ranks_for(client)
+        """The client's plan for the next round (the strategy's), fresh adapters at its ranks (or
+        given starting factors) and a fresh optimizer."""
+        ctx = self._context()
+        client.plan = self.strategy.next_plan(ctx, Participant(client.index, client.budget, client.speed,
+                                                               plan=client.plan))
+        client.split = None if self.strategy.whole_model else client.plan.split
         install_adapters(self.model, {})
         if start is not None:
             client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
         else:
+            ranks = {**client.plan.ranks, **self.strategy.server_ranks(ctx, client.plan.split)}
             client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
                                         seed=(self.cfg.seed, client.index, self.round))
         client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
@@ -256,43 +226,43 @@ class Federation:
         self.model.eval()
         return losses, scores
 
-    def _aggregate(self) -> None:
-        """One aggregation over every adapted weight, then each client's next adapters."""
-        aggregate = AGGREGATORS[AGGREGATOR_OF[self.cfg.method]]
-        merged = self.cfg.method == "hsplitlora"
-        targets = sorted({t for c in self.clients for t in c.factors})
-        per_client: dict[str, dict[Target, tuple[torch.Tensor, torch.Tensor]]] = {c.name: {} for c in self.clients}
-        for target in targets:
-            updates = [
-                ClientUpdate(c.name, c.factors[target].A.detach(), c.factors[target].B.detach(),
-                             c.factors[target].scale, float(len(c.data)))
-                for c in self.clients if target in c.factors
-            ]
-            self.bytes_up += sum((u.A.numel() + u.B.numel()) * 4 for u in updates if self._device_side(u, target))
-            result = aggregate(updates)
-            if merged:
-                update = result.global_update
-                lora_layer(self.model, target).add_to_weight(target.proj, update.dense())
-                # Every device holding W gets the update, as factors while they are the smaller form.
-                size = update.numel if update.cheaper_than_dense() else update.B.shape[0] * update.A.shape[1]
-                self.bytes_down += size * 4 * sum(1 for c in self.clients if self._device_side(c.name, target))
-            else:
-                self.global_factors[target] = result.global_update
-                for name, ab in result.client_factors.items():
-                    per_client[name][target] = ab
-                    self.bytes_down += (ab[0].numel() + ab[1].numel()) * 4 if self._device_side(name, target) else 0
+    def _end_round(self, completed: int, scores: dict[str, dict[Target, float]]) -> None:
+        """Close the round (`hsplitlora.federation.round`), count its adapter traffic, then give every
+        client its next plan and adapters."""
+        contributions = [
+            Contribution(c.name, len(c.data), {t: (f.A.detach(), f.B.detach(), f.scale) for t, f in c.factors.items()},
+                         scores.get(c.name, {}))
+            for c in self.clients
+        ]
+        result = close_round(self.strategy, self.model, contributions, self.tracker, self.targets,
+                             run_progress(completed, self.cfg.rounds))
+        if result.importance is not None:
+            self.importance = result.importance
+            log.info("round %d: most important weights %s", completed,
+                     ", ".join(f"{t} {self.importance[t]:.3g}" for t in self.tracker.ranking()[:5]))
+        by_name = {c.name: c for c in self.clients}
+        for t, ups in result.updates.items():
+            self.bytes_up += sum((u.A.numel() + u.B.numel()) * 4 for u in ups if self._device_side(by_name[u.client], t))
+        for t, update in result.merged.items():
+            # Every device holding W gets the update, as factors while they are the smaller form.
+            size = update.numel if update.cheaper_than_dense() else update.B.shape[0] * update.A.shape[1]
+            self.bytes_down += size * 4 * sum(1 for c in self.clients if self._device_side(c, t))
+        self.global_factors.update(result.global_adapter)
+        for name, starts in result.starts.items():
+            self.bytes_down += sum((a.numel() + b.numel()) * 4 for t, (a, b) in starts.items()
+                                   if self._device_side(by_name[name], t))
         for c in self.clients:
-            self._reset_adapters(c, None if merged else per_client[c.name])
+            self._reset_adapters(c, None if self.strategy.merges else result.starts[c.name])
 
-    def _device_side(self, who, target: Target) -> bool:
-        name = who.client if isinstance(who, ClientUpdate) else who
-        client = next(c for c in self.clients if c.name == name)
+    @staticmethod
+    def _device_side(client: SimClient, target: Target) -> bool:
         return client.split is None or target.layer < client.split
 
     # ----- evaluation --------------------------------------------------------------------------
     def _install_global(self) -> None:
-        """The global model: W (merged) alone, or W + the global adapter of a non-merging method."""
-        if self.cfg.method == "cenlora":
+        """The global model: W (merged) alone, W + the global adapter of a non-merging strategy, or
+        the one client's adapters of a centralised run."""
+        if not self.strategy.federated:
             install_adapters(self.model, self.clients[0].factors)
             return
         install_adapters(self.model, adapters_from_factors(
@@ -313,27 +283,21 @@ class Federation:
             self._reset_adapters(c, None)
         plans = [self._plan_row(c) for c in self.clients]
         rounds = []
-        probe = all_targets(self.model) if cfg.method == "hsplitlora" else None
+        probe = self.targets if self.strategy.scores_importance else None
         for r in range(cfg.rounds):
             start = time.perf_counter()
             up0, down0 = self.bytes_up, self.bytes_down
-            losses, scores = [], []
+            losses, scores = [], {}
             with tqdm(self.clients, desc=f"round {r + 1}/{cfg.rounds}", unit="client", leave=False) as bar:
                 for c in bar:
                     client_losses, client_scores = self._local_round(c, probe)
                     losses += client_losses
                     if client_scores:
-                        scores.append(resource_normalised(self.model, client_scores))
+                        scores[c.name] = resource_normalised(self.model, client_scores)
                     bar.set_postfix(client=c.name, loss=f"{client_losses[-1]:.3f}")
-            if scores:
-                mean = mean_scores(scores)
-                smoothed = self.tracker.update(mean, progress=r / max(cfg.rounds - 1, 1))
-                self.importance = fill_unscored(smoothed, all_targets(self.model))
-                log.info("round %d: most important weights %s", r + 1,
-                         ", ".join(f"{t} {self.importance[t]:.3g}" for t in self.tracker.ranking()[:5]))
             self.round += 1
-            if cfg.method != "cenlora":
-                self._aggregate()
+            if self.strategy.federated:
+                self._end_round(r + 1, scores)
             val = self.validation_loss()
             row = {
                 "round": r + 1, "train_loss": sum(losses) / len(losses), "val_loss": val, "val_ppl": perplexity(val),
@@ -381,7 +345,7 @@ class Federation:
             save_merged(self.model, self.tokenizer, merged_dir)
         if not adapter_dir:
             return
-        if self.cfg.method != "hsplitlora":  # the global model is W + a low-rank adapter: exact
+        if not self.strategy.merges:  # the global model is W + a low-rank adapter: exact
             save_adapter(self.model, adapter_dir)
             return
         # Merging methods: the adapter is an SVD of the total update W_now - W_start.
@@ -413,7 +377,7 @@ def simulate(cfg: SimConfig, merged_dir: Path | None = None, adapter_dir: Path |
     """Run one simulated federation and return its results (see `Federation.run`)."""
     fed = Federation(cfg)
     initial = None
-    if adapter_dir and cfg.method == "hsplitlora":
+    if adapter_dir and fed.strategy.merges:
         initial = {t: lora_layer(fed.model, t).weight_slice(t.proj).detach().clone() for t in all_targets(fed.model)}
     results = fed.run()
     fed.save(merged_dir, adapter_dir, adapter_rank, initial)

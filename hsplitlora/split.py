@@ -22,7 +22,8 @@ class Segment(nn.Module):
     def __init__(self, model: PreTrainedModel, start: int, stop: int, *, embed: bool, head: bool):
         super().__init__()
         n = num_layers(model)
-        if not 0 <= start < stop <= n:
+        # No block at all only for a head (the server's part when the device holds every block).
+        if not (0 <= start < stop <= n or (head and start == stop == n)):
             raise ValueError(f"block range [{start}, {stop}) is outside the model's {n} blocks")
         self.family = family_of(model)
         self.config = model.config
@@ -68,10 +69,13 @@ class Segment(nn.Module):
 
 
 def split_model(model: PreTrainedModel, k: int) -> tuple[Segment, Segment]:
-    """Cut after block k: (device segment = embeddings + blocks[0:k], server segment = the rest)."""
+    """Cut after block k: (device segment = embeddings + blocks[0:k], server segment = the rest).
+
+    k = n (every block on the device) leaves the server segment the final norm and the head: how a
+    strategy that trains the whole model on the device runs over the network."""
     n = num_layers(model)
-    if not 1 <= k < n:
-        raise ValueError(f"split point must satisfy 1 <= k < {n} (the model has {n} blocks), got {k}")
+    if not 1 <= k <= n:
+        raise ValueError(f"split point must satisfy 1 <= k <= {n} (the model has {n} blocks), got {k}")
     return Segment(model, 0, k, embed=True, head=False), Segment(model, k, n, embed=False, head=True)
 
 

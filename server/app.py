@@ -24,20 +24,18 @@ import time
 import torch
 from aiohttp import web
 
+from hsplitlora.federation import protocol
+from hsplitlora.federation.protocol import MERGE, PUBLIC, START, Header, Route
 from hsplitlora.lora import Target
 from hsplitlora.planner import PlanError
-from hsplitlora.wire import TensorSpec, WireError, decode, encode
+from hsplitlora.wire import WireError, decode, encode
 from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
 from server.monitoring import Monitor, render_status_page, snapshot
-from server.store import Store
-from server.trainer import ServerTrainer, server_snapshot
+from server.store import Store, server_snapshot, update_file
+from server.trainer import ServerTrainer
 
 log = logging.getLogger(__name__)
-IGNORE = -100
-# A device reads the settings and probes its link before it registers (`hsplitlora profile`).
-# The operators' views (/status, /metrics) are public like /v1/status: they name no token and no data.
-PUBLIC = {"/healthz", "/v1/register", "/v1/status", "/v1/probe", "/v1/settings", "/status", "/metrics"}
 STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
 CLIENT: web.RequestKey[str] = web.RequestKey("client", str)
 WATCH: web.AppKey[asyncio.Task] = web.AppKey("watch", asyncio.Task)
@@ -61,7 +59,7 @@ async def errors_and_auth(request: web.Request, handler):
         return await handler(request)
     except WireError as e:
         return error(400, str(e))
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
         return error(413, f"request body over the limit of {state.limit} bytes")
     except web.HTTPException as e:
         if e.content_type == "application/json":
@@ -105,11 +103,11 @@ class ServerState:
                 uploads = await self.run_model(self.store.uploads, number)
                 scores = {c: self.scores.get(c, {}) for c in uploads}
                 replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
-                for client_id, tensors in replies.items():
+                for client_id, update in replies.items():
                     plan = self.trainer.clients[client_id].plan
                     self.store.set_plan(client_id, plan.to_dict())
-                    await self.run_model(self.store.save_tensors, f"rounds/{number}/update-{client_id}.safetensors",
-                                         tensors or {"empty": torch.zeros(0)})
+                    await self.run_model(self.store.save_tensors, update_file(number, client_id),
+                                         update.to_tensors() or {"empty": torch.zeros(0)})
                 self.store.complete_round(number)
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
 
@@ -126,7 +124,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def settings(request: web.Request) -> web.Response:
     """The run's settings (model, batch, sequence length, wire...): what a device profiles itself for."""
-    return web.json_response(request.app[STATE].cfg.client_settings())
+    return web.json_response(request.app[STATE].cfg.client_settings().to_dict())
 
 
 async def probe_download(request: web.Request) -> web.Response:
@@ -187,7 +185,7 @@ async def register(request: web.Request) -> web.Response:
     log.info("registered %s: split %d, %d device adapters", client_id, plan.split, len(plan.ranks))
     return web.json_response({
         "client_id": client_id, "number": record.number, "token": token, "round": state.round,
-        "plan": plan.to_dict(), "settings": state.cfg.client_settings(),
+        "plan": plan.to_dict(), "settings": state.cfg.client_settings().to_dict(),
     })
 
 
@@ -204,7 +202,7 @@ async def me(request: web.Request) -> web.Response:
     client = state.trainer.clients[request[CLIENT]]
     return web.json_response({"client_id": client.id, "number": client.number, "round": state.round,
                               "plan": client.plan.to_dict(),
-                              "settings": state.cfg.client_settings()})
+                              "settings": state.cfg.client_settings().to_dict()})
 
 
 async def step(request: web.Request) -> web.Response:
@@ -220,33 +218,18 @@ async def step(request: web.Request) -> web.Response:
     if trained:
         state.store.record_step(round_number, client_id, step_number, loss)
     return web.Response(body=reply, content_type="application/octet-stream",
-                        headers={"X-Loss": repr(loss), "X-Retried": str(not trained).lower()})
+                        headers={Header.LOSS: repr(loss), Header.RETRIED: str(not trained).lower()})
 
 
 def _train_step(state: ServerState, client_id: str, round_number: int, step_number: int,
                 body: bytes) -> tuple[bytes, float, bool]:
     """Check a step's tensors, train on them and encode dL/dh: (reply body, loss, trained)."""
     start = time.perf_counter()
-    cfg, d = state.cfg, state.trainer.dims.hidden
-    tensors = decode(body, {
-        "h": TensorSpec((None, None, d)),
-        "attention_mask": TensorSpec((None, None), (torch.int64,)),
-        "labels": TensorSpec((None, None), (torch.int64,)),
-    }, state.limit)
-    h, mask, labels = tensors["h"], tensors["attention_mask"], tensors["labels"]
-    b, t = h.shape[:2]
-    if mask.shape != (b, t) or labels.shape != (b, t):
-        raise WireError(f"attention_mask and labels must be {b}x{t} like h")
-    if not (1 <= b <= cfg.batch_size and 2 <= t <= cfg.max_len):
-        raise WireError(f"batch x seq {b}x{t} outside 1..{cfg.batch_size} x 2..{cfg.max_len}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise WireError("attention_mask must hold only 0 and 1")
-    vocab = state.trainer.dims.vocab
-    if not bool(((labels == IGNORE) | ((labels >= 0) & (labels < vocab))).all()):
-        raise WireError(f"labels must be -100 or token ids in [0, {vocab})")
-    if not bool((labels[:, 1:] != IGNORE).any()):
-        raise WireError("labels mark no token to learn")
-    grad, loss, trained = state.trainer.step(client_id, round_number, step_number, h, mask, labels)
+    cfg, dims = state.cfg, state.trainer.dims
+    tensors = decode(body, protocol.step_specs(dims.hidden), state.limit)
+    protocol.check_step(tensors, cfg.batch_size, cfg.max_len, dims.vocab)
+    grad, loss, trained = state.trainer.step(client_id, round_number, step_number, tensors["h"],
+                                             tensors["attention_mask"], tensors["labels"])
     reply = encode({"grad": grad}, cfg.wire)
     if trained:
         state.monitor.step_seconds.observe(time.perf_counter() - start)
@@ -262,19 +245,13 @@ async def upload_adapters(request: web.Request) -> web.Response:
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     plan = state.trainer.clients[client_id].plan
-    specs = {}
-    for t, r in plan.ranks.items():
-        d_in, d_out = state.trainer.dims.weight_shape(t.proj)
-        specs[f"{t}.A"] = TensorSpec((r, d_in), (torch.float32,))
-        specs[f"{t}.B"] = TensorSpec((d_out, r), (torch.float32,))
+    specs = protocol.adapter_specs(plan.ranks, state.trainer.dims.weight_shape)
     tensors = await state.run_model(decode, await request.read(), specs, state.limit)
-    scores_header = request.headers.get("X-Importance")
-    scores = {}
-    if scores_header:
-        try:
-            scores = {Target.parse(k): float(v) for k, v in json.loads(scores_header).items()}
-        except (ValueError, AttributeError, TypeError) as e:
-            return error(400, f"X-Importance must be a JSON object of '<layer>.<proj>': score ({e})")
+    scores_header = request.headers.get(Header.IMPORTANCE)
+    try:
+        scores = protocol.decode_scores(scores_header) if scores_header else {}
+    except ValueError as e:
+        return error(400, str(e))
 
     def keep() -> None:
         # The server-side half is written first: an upload row only ever exists with both halves on disk.
@@ -295,15 +272,15 @@ async def round_update(request: web.Request) -> web.Response:
         uploaded = len(state.store.uploaded(state.round))
         return web.json_response({"status": "waiting", "round": state.round, "uploaded": uploaded,
                                   "needed": state.cfg.clients_per_round}, status=202)
-    tensors = await state.run_model(state.store.load_tensors, f"rounds/{round_number}/update-{client_id}.safetensors")
+    tensors = await state.run_model(state.store.load_tensors, update_file(round_number, client_id))
     if tensors is None:
         return error(404, f"no update for this client in round {round_number}")
     tensors.pop("empty", None)
     plan = state.trainer.clients[client_id].plan
     body = await state.run_model(encode, tensors, "fp32")
     return web.Response(body=body, content_type="application/octet-stream",
-                        headers={"X-Plan": json.dumps(plan.to_dict()), "X-Round": str(state.round),
-                                 "X-Update": "merge" if state.trainer.merging else "start"})
+                        headers={Header.PLAN: json.dumps(plan.to_dict()), Header.ROUND: str(state.round),
+                                 Header.UPDATE: MERGE if state.trainer.strategy.merges else START})
 
 
 async def deltas(request: web.Request) -> web.Response:
@@ -312,7 +289,8 @@ async def deltas(request: web.Request) -> web.Response:
     split = state.trainer.clients[request[CLIENT]].plan.split
 
     def encoded() -> bytes:
-        tensors = {f"{k}.delta": v for k, v in state.trainer.deltas().items() if Target.parse(k).layer < split}
+        tensors = {Target.parse(k).key("delta"): v for k, v in state.trainer.deltas().items()
+                   if Target.parse(k).layer < split}
         return encode(tensors, "fp32")
 
     return web.Response(body=await state.run_model(encoded), content_type="application/octet-stream")
@@ -346,6 +324,11 @@ async def artifact_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+async def openapi(request: web.Request) -> web.FileResponse:
+    """The machine-readable contract of every route here (OpenAPI 3.1)."""
+    return web.FileResponse(protocol.OPENAPI, headers={"Content-Type": "application/json"})
+
+
 async def status(request: web.Request) -> web.Response:
     return web.json_response(snapshot(request.app[STATE]))
 
@@ -366,21 +349,16 @@ def make_app(cfg: ServerConfig) -> web.Application:
     state = ServerState(cfg)
     app = web.Application(middlewares=[state.monitor.middleware, errors_and_auth], client_max_size=state.limit)
     app[STATE] = state
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/v1/settings", settings)
-    app.router.add_get("/v1/probe", probe_download)
-    app.router.add_post("/v1/probe", probe_upload)
-    app.router.add_post("/v1/register", register)
-    app.router.add_post("/v1/steps", step)
-    app.router.add_put("/v1/rounds/{round:\\d+}/adapters", upload_adapters)
-    app.router.add_get("/v1/rounds/{round:\\d+}/update", round_update)
-    app.router.add_get("/v1/deltas", deltas)
-    app.router.add_get("/v1/me", me)
-    app.router.add_get("/v1/artifact", artifact)
-    app.router.add_get("/v1/artifacts/{id}/{name}", artifact_file)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/status", status_page)
-    app.router.add_get("/metrics", metrics)
+    for method, route, handler in [
+        ("GET", Route.HEALTH, healthz), ("GET", Route.OPENAPI, openapi), ("GET", Route.SETTINGS, settings),
+        ("GET", Route.PROBE, probe_download), ("POST", Route.PROBE, probe_upload), ("POST", Route.REGISTER, register),
+        ("POST", Route.STEPS, step), ("PUT", Route.ADAPTERS, upload_adapters), ("GET", Route.UPDATE, round_update),
+        ("GET", Route.DELTAS, deltas), ("GET", Route.ME, me), ("GET", Route.ARTIFACT, artifact),
+        ("GET", Route.ARTIFACT_FILE, artifact_file), ("GET", Route.STATUS, status),
+        ("GET", Route.STATUS_PAGE, status_page), ("GET", Route.METRICS, metrics),
+    ]:
+        add = {"GET": app.router.add_get, "POST": app.router.add_post, "PUT": app.router.add_put}[method]
+        add(route.replace("{round}", "{round:\\d+}"), handler)
     app.on_response_prepare.append(state.monitor.on_response_prepare)
 
     async def start_watch(app: web.Application) -> None:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from export.manifest import SCHEMA
+from hsplitlora.federation.manifest import SCHEMA
 from hsplitlora.planner import Plan
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ArtifactCache:
         out = self.directory(key.id)
         log.info("exporting %s artifact %s: split %d, ranks %s", key.format, key.id, key.split, key.ranks)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hsplitlora", "export", "--model", key.model, "--split", str(key.split),
+            sys.executable, "-m", "export", "--model", key.model, "--split", str(key.split),
             "--ranks", key.ranks, "--alpha", repr(key.alpha), "--batch", str(key.batch), "--seq", str(key.seq),
             "--format", key.format, "--out", str(out),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

@@ -5,36 +5,49 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsplitlora.models import DEFAULT_MODEL
+from hsplitlora.configs import ALPHA_HELP, LR_HELP, option
+from hsplitlora.federation.protocol import Settings
+from hsplitlora.federation.strategies import SERVER_SPEED, STRATEGIES, Strategy, strategy
+from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP
 from hsplitlora.planner import PlannerConfig
 from hsplitlora.wire import WIRE_FORMATS
+
+FEDERATED = tuple(name for name, s in STRATEGIES.items() if s.federated)
 
 
 @dataclass
 class ServerConfig:
     """`hsplitlora server` options."""
 
-    model: str = DEFAULT_MODEL
-    state: Path = Path("server-state")
-    host: str = "127.0.0.1"
-    port: int = 8080
-    method: str = "naa"  # the aggregator of the run
-    rounds: int = 10  # the planned length of the run: sets how fast importance smoothing settles
-    clients_per_round: int = 1  # a round aggregates once this many clients uploaded (or at the deadline)
-    round_deadline_s: float = 600.0  # then it aggregates with the clients that made it
-    local_steps: int = 4
-    batch_size: int = 4
-    max_len: int = 128
-    lr: float = 1e-3
-    alpha: float = 16.0
-    seed: int = 0
-    wire: str = "fp16"
-    max_request_bytes: int | None = None  # default: sized from the model (see `request_limit`)
+    model: str = option(DEFAULT_MODEL, help=MODEL_HELP)
+    state: Path = option(Path("server-state"), help="state directory (SQLite + tensors); restart with the same one to resume")
+    host: str = option("127.0.0.1", help="address to listen on")
+    port: int = option(8080, help="port")
+    method: str = option("hsplitlora", choices=FEDERATED,
+                         help="the run's strategy: hsplitlora (planned splits and ranks, noise-free aggregation merged "
+                              "into the weights), or splitlora / hetlora / flexlora (a global adapter on frozen weights; "
+                              "plans stay fixed; hetlora / flexlora devices run every block, the server the head)")
+    rounds: int = option(10, help="planned rounds of the run; importance smoothing settles over them")
+    clients_per_round: int = option(1, help="aggregate once this many clients uploaded their round")
+    round_deadline_s: float = option(600.0, flag="--round-deadline", metavar="SECONDS",
+                                     help="seconds after which a round aggregates with the clients that made it")
+    local_steps: int = option(4, help="local steps per round")
+    batch_size: int = option(4, help="examples per step")
+    max_len: int = option(128, help="max tokens per example")
+    lr: float = option(1e-3, help=LR_HELP)
+    alpha: float = option(16.0, help=ALPHA_HELP)
+    seed: int = option(0, help="seed of the clients' data order and of fresh adapters")
+    server_speed: float = option(SERVER_SPEED, help="this server's compute per client, relative to the weakest device")
+    wire: str = option("fp16", choices=WIRE_FORMATS, help="activation and gradient format on the wire")
+    max_request_bytes: int | None = option(None, help="refuse larger bodies (default: sized from the model)")
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = option(None, help="... and this private key (PEM)")
 
     def __post_init__(self) -> None:
+        if not self.strategy().federated:
+            raise ValueError(f"--method {self.method} trains all data in one place: run `hsplitlora simulate "
+                             f"--method {self.method}` (or `hsplitlora finetune`), not a server")
         if self.wire not in WIRE_FORMATS:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -43,6 +56,9 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
+    def strategy(self) -> Strategy:
+        return strategy(self.method)
+
     def request_limit(self, hidden: int, adapter_bytes: int) -> int:
         """Largest accepted body: an fp32 step (h + mask + labels) or the adapters, with headroom."""
         if self.max_request_bytes is not None:
@@ -50,9 +66,7 @@ class ServerConfig:
         step = self.batch_size * self.max_len * (hidden * 4 + 16)
         return 2 * max(step, adapter_bytes) + 65536
 
-    def client_settings(self) -> dict:
+    def client_settings(self) -> Settings:
         """What a client must use to train the way this server expects."""
-        return {
-            "model": self.model, "local_steps": self.local_steps, "batch_size": self.batch_size,
-            "max_len": self.max_len, "lr": self.lr, "alpha": self.alpha, "wire": self.wire, "seed": self.seed,
-        }
+        return Settings(model=self.model, local_steps=self.local_steps, batch_size=self.batch_size,
+                        max_len=self.max_len, lr=self.lr, alpha=self.alpha, wire=self.wire, seed=self.seed)

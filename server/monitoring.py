@@ -10,7 +10,6 @@ across a restart as the run does.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import jinja2
 from aiohttp import web
@@ -18,8 +17,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-if TYPE_CHECKING:
-    from server.app import ServerState
 
 HISTORY = 20  # rounds the status page lists
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -30,7 +27,7 @@ _PAGES = jinja2.Environment(loader=jinja2.PackageLoader("server", "templates"),
                             autoescape=jinja2.select_autoescape(), undefined=jinja2.StrictUndefined)
 
 
-def snapshot(state: ServerState) -> dict:
+def snapshot(state) -> dict:
     """The run now, as `GET /v1/status` answers it: the open round, uploads, and per client its
     plan, budget, predictions, mean loss (this round's, or the last round's before it has any) and
     whether it uploaded this round (one read of the uploads: the count and the flags agree)."""
@@ -67,7 +64,7 @@ class Monitor:
     """The server's Prometheus registry: request instruments, the model thread's timings, and a
     collector that reads the run's state at each scrape."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("hsplitlora_http_requests", "HTTP requests answered, by route and status code",
@@ -121,7 +118,7 @@ class Monitor:
 class _RunCollector:
     """Gauges and counters of the run, read from the state at scrape time."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state):
         self.state = state
 
     def collect(self):
@@ -158,7 +155,7 @@ class _RunCollector:
             yield family
 
 
-def render_status_page(state: ServerState) -> str:
+def render_status_page(state) -> str:
     """The HTML status page: the run's settings, the open round, every client, the recent rounds."""
     now = snapshot(state)
     cfg = state.cfg

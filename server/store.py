@@ -55,6 +55,32 @@ CREATE TABLE IF NOT EXISTS uploads (
 """
 
 
+# Where the tensors of a run rest under the state directory (docs/protocol.md, "State and restarts").
+MERGED_DELTAS = "deltas/merged.safetensors"  # merging strategies: the merged model as deltas against the base
+GLOBAL_ADAPTER = "deltas/global-adapter.safetensors"  # the others: the global model is W + this adapter
+IMPORTANCE = "importance.safetensors"  # the smoothed importance scores
+
+
+def upload_file(round_number: int, client_id: str) -> str:
+    """A client's accepted device-side adapters of a round."""
+    return f"rounds/{round_number}/{client_id}.safetensors"
+
+
+def server_snapshot(round_number: int, client_id: str) -> str:
+    """A client's server-side adapters of a round, kept once it uploaded."""
+    return f"rounds/{round_number}/{client_id}-server.safetensors"
+
+
+def update_file(round_number: int, client_id: str) -> str:
+    """The update a client is answered after a round."""
+    return f"rounds/{round_number}/update-{client_id}.safetensors"
+
+
+def start_factors(client_id: str) -> str:
+    """Where the factors a client starts its next round from are kept (non-merging strategies)."""
+    return f"starts/{client_id}.safetensors"
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -192,7 +218,7 @@ class Store:
 
     def record_upload(self, round_number: int, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
         """Keep a client's round adapters; the row is written after the file, so it never dangles."""
-        path = self.save_tensors(f"rounds/{round_number}/{client_id}.safetensors", tensors)
+        path = self.save_tensors(upload_file(round_number, client_id), tensors)
         self.db.execute("INSERT OR REPLACE INTO uploads (round, client, path, at) VALUES (?, ?, ?, ?)",
                         (round_number, client_id, str(path.relative_to(self.root)), time.time()))
 

@@ -14,60 +14,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hsplitlora.aggregation import AGGREGATORS, ClientUpdate, LowRank
+from hsplitlora.aggregation import LowRank
 from hsplitlora.cost import ModelDims, StepShape
-from hsplitlora.importance import (
-    ImportanceTracker,
-    SensitivityProbe,
-    all_targets,
-    fill_unscored,
-    mean_scores,
-    resource_normalised,
-)
+from hsplitlora.federation.protocol import MERGE, START, Update, factors_to_tensors, tensors_to_factors
+from hsplitlora.federation.round import Contribution, close_round, run_progress
+from hsplitlora.federation.strategies import Participant, PlanContext
+from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, fill_unscored, resource_normalised
 from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
 from hsplitlora.models import load_model
-from hsplitlora.planner import (
-    Budget,
-    MeasuredDevice,
-    Plan,
-    plan_device,
-    server_ranks,
-    should_replan,
-    uniform_importance,
-)
+from hsplitlora.planner import Budget, MeasuredDevice, Plan, uniform_importance
 from hsplitlora.predict import DeviceRates
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
 from hsplitlora.wire import BYTES_PER_ELEMENT
 from server.config import ServerConfig
-from server.store import ClientRecord, Store
+from server.store import GLOBAL_ADAPTER, IMPORTANCE, MERGED_DELTAS, ClientRecord, Store, server_snapshot, start_factors
 
 log = logging.getLogger(__name__)
-DELTAS = "deltas/merged.safetensors"
-GLOBAL_ADAPTER = "deltas/global-adapter.safetensors"  # methods that keep W frozen: W + this adapter
-IMPORTANCE = "importance.safetensors"
-MERGING = {"naa"}  # aggregators whose update is merged into W (the others keep a global adapter)
-
-
-def start_factors(client_id: str) -> str:
-    """Where the factors a client starts its next round from are kept (non-merging methods)."""
-    return f"starts/{client_id}.safetensors"
-
-
-def factors_to_tensors(factors: dict[Target, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for t, (a, b) in factors.items():
-        out[f"{t}.A"], out[f"{t}.B"] = a, b
-    return out
-
-
-def tensors_to_factors(tensors: dict[str, torch.Tensor]) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
-    return {Target.parse(k[:-2]): (v, tensors[k[:-2] + ".B"]) for k, v in tensors.items() if k.endswith(".A")}
-
-
-def server_snapshot(round_number: int, client_id: str) -> str:
-    """Where a client's server-side adapters of a round are kept once it uploaded."""
-    return f"rounds/{round_number}/{client_id}-server.safetensors"
 
 
 def budget_of(profile: dict) -> Budget:
@@ -106,13 +69,11 @@ class ServerClient:
 
 
 class ServerTrainer:
-    """Server segments, adapters, aggregation and planning for every client."""
+    """Server segments, adapters, aggregation and planning for every client, by the run's strategy."""
 
     def __init__(self, cfg: ServerConfig, store: Store):
-        if cfg.method not in AGGREGATORS:
-            raise ValueError(f"unknown aggregation method {cfg.method!r}; choose from {', '.join(AGGREGATORS)}")
         self.cfg, self.store = cfg, store
-        self.merging = cfg.method in MERGING
+        self.strategy = cfg.strategy()
         self.model, _ = load_model(cfg.model)
         self.dims = ModelDims.from_config(self.model.config)
         cfg.planner.projections(self.dims)  # a projection this model lacks: refuse to start, not at registration
@@ -120,7 +81,7 @@ class ServerTrainer:
         self.lock = threading.Lock()
         self.targets = all_targets(self.model)
         self.base = {t: lora_layer(self.model, t).weight_slice(t.proj).detach().clone() for t in self.targets}
-        deltas = store.load_tensors(DELTAS) or {}
+        deltas = store.load_tensors(MERGED_DELTAS) or {}
         for t in self.targets:
             if str(t) in deltas:
                 lora_layer(self.model, t).add_to_weight(t.proj, deltas[str(t)])
@@ -143,11 +104,16 @@ class ServerTrainer:
                 self.restore_server_state(client_id, saved)
 
     # ----- clients and plans -------------------------------------------------------------------
-    def _plan(self, budget: Budget, speed: float | None, device: MeasuredDevice | None) -> Plan:
-        # A device given a relative speed takes at most its share of its pipeline's compute, the
-        # server counting as two of the weakest devices per client (as in the simulation).
-        share = speed / (speed + 2.0) if speed else None
-        return plan_device(self.dims, self.importance, budget, self.shape, self.cfg.planner, share, device)
+    def _context(self, newcomer: Budget | None = None) -> PlanContext:
+        """What the strategy plans with: every registered client's budget by registration order
+        (and a newcomer's, last)."""
+        budgets = [c.budget for c in sorted(self.clients.values(), key=lambda c: c.number)]
+        return PlanContext(self.dims, self.shape, self.cfg.planner, self.importance,
+                           budgets + ([newcomer] if newcomer else []), self.cfg.server_speed)
+
+    def _participant(self, client: ServerClient) -> Participant:
+        index = sorted(c.number for c in self.clients.values()).index(client.number)
+        return Participant(index, client.budget, client.speed, client.device, client.plan)
 
     def _adopt(self, record: ClientRecord, plan: Plan) -> ServerClient:
         profile = record.profile
@@ -161,26 +127,31 @@ class ServerTrainer:
         """The plan a device with this profile would get now (PlanError if none fits, ValueError if its
         measurements are malformed)."""
         device = measured_device(profile, self.cfg.wire)
+        budget = budget_of(profile)
         with self.lock:
-            return self._plan(budget_of(profile), profile.get("relative_speed"), device)
+            ctx = self._context(newcomer=budget)
+            who = Participant(len(ctx.budgets) - 1, budget, profile.get("relative_speed"), device)
+            return self.strategy.device_plan(ctx, who)
 
     def add_client(self, record: ClientRecord, plan: Plan) -> None:
         with self.lock:
             self._adopt(record, plan)
 
     def _fresh_adapters(self, client: ServerClient, round_number: int) -> None:
-        """The client's server-side adapters for a round: fresh, or (non-merging methods) where
+        """The client's server-side adapters for a round: fresh, or (non-merging strategies) where
         the last aggregation left them."""
         install_adapters(self.model, {})
-        saved = None if self.merging else self.store.load_tensors(start_factors(client.id))
+        saved = None if self.strategy.merges else self.store.load_tensors(start_factors(client.id))
         if saved is not None:
             start = {t: ab for t, ab in tensors_to_factors(saved).items() if t.layer >= client.plan.split}
             client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
         else:
-            ranks = server_ranks(self.dims, client.plan.split, self.importance, self.cfg.planner)
+            ranks = self.strategy.server_ranks(self._context(), client.plan.split)
             client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
                                         seed=(self.cfg.seed, client.number, round_number))
-        client.optimizer = make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
+        # A strategy that trains every block on the device leaves the server only the head: no adapters.
+        client.optimizer = (make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
+                            if client.factors else None)
         client.scores, client.last_step, client.last_reply = {}, None, None
 
     def _segment(self, split: int) -> Segment:
@@ -201,14 +172,17 @@ class ServerTrainer:
             self.model.train()
             h = h.detach().requires_grad_(True)
             server = self._segment(client.plan.split)
-            probe_targets = [t for t in self.targets if t.layer >= client.plan.split] if not client.scores else []
+            # The round's first step scores the server's blocks, when the strategy uses importance.
+            scoring = self.strategy.scores_importance and not client.scores
+            probe_targets = [t for t in self.targets if t.layer >= client.plan.split] if scoring else []
             with SensitivityProbe(self.model, probe_targets) as probe:
                 loss = server.loss(h, mask, labels)
                 loss.backward()
             if probe_targets:
                 client.scores = resource_normalised(self.model, probe.scores)
-            client.optimizer.step()
-            client.optimizer.zero_grad(set_to_none=True)
+            if client.optimizer is not None:
+                client.optimizer.step()
+                client.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
             client.last_step, client.last_reply = (round_number, step), (h.grad.detach(), loss.item())
             return h.grad.detach(), loss.item(), True
@@ -216,74 +190,57 @@ class ServerTrainer:
     def server_state(self, client_id: str) -> dict[str, torch.Tensor]:
         """The client's server-side adapters ('<t>.A', '<t>.B'), to persist with its upload."""
         with self.lock:
-            out = {}
-            for t, f in self.clients[client_id].factors.items():
-                out[f"{t}.A"], out[f"{t}.B"] = f.A.detach().clone(), f.B.detach().clone()
-            return out
+            return factors_to_tensors({t: (f.A.detach().clone(), f.B.detach().clone())
+                                       for t, f in self.clients[client_id].factors.items()})
 
     def restore_server_state(self, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
         """Put back a client's server-side adapters exactly as persisted (their set and ranks too)."""
         with self.lock:
             client = self.clients[client_id]
-            pairs = {Target.parse(k[:-2]): (tensors[k], tensors[k[:-2] + ".B"]) for k in tensors if k.endswith(".A")}
-            client.factors = adapters_from_factors(self.model, pairs, self.cfg.alpha)
+            client.factors = adapters_from_factors(self.model, tensors_to_factors(tensors), self.cfg.alpha)
 
     # ----- aggregation -------------------------------------------------------------------------
     def aggregate(self, uploads: dict[str, dict[str, torch.Tensor]], device_scores: dict[str, dict[Target, float]],
-                  round_number: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Aggregate one round (the uploading clients' device + server adapters).
+                  round_number: int) -> dict[str, Update]:
+        """Close one round (`hsplitlora.federation.round`) over the uploading clients' device and
+        server adapters; persist what it changed; every client's update and next adapters.
 
-        naa merges into the weights and re-plans everyone; the reply to each client holds, for
-        each changed weight of its device blocks, the stacked factors to add ('<t>.A', '<t>.B',
-        scale folded in), and for blocks a new plan moves onto the device the merged delta
-        against the base checkpoint ('<t>.delta'). The other methods keep W frozen and a global
-        adapter; the reply holds the factors the client's device adapters start the next round
-        from ('<t>.A', '<t>.B' at its ranks, its alpha / r applies).
+        A merging strategy re-plans every client; its update holds, for each changed weight of
+        its device blocks, the stacked factors to add, and for blocks a new plan moves onto the
+        device the merged delta against the base checkpoint. The others keep W frozen and a
+        global adapter; the update holds the factors the client's device adapters start the next
+        round from (a client that missed the round starts where it started this one).
         """
         with self.lock:
-            updates: dict[Target, list[ClientUpdate]] = {}
+            contributions = []
             for client_id, tensors in uploads.items():
                 client = self.clients[client_id]
-                for key in tensors:
-                    if key.endswith(".A"):
-                        t = Target.parse(key[:-2])
-                        a, b = tensors[key], tensors[key[:-2] + ".B"]
-                        updates.setdefault(t, []).append(
-                            ClientUpdate(client_id, a, b, self.cfg.alpha / a.shape[0], float(client.examples)))
-                for t, f in client.factors.items():
-                    updates.setdefault(t, []).append(
-                        ClientUpdate(client_id, f.A.detach(), f.B.detach(), f.scale, float(client.examples)))
-            merged: dict[Target, LowRank] = {}
-            starts: dict[str, dict[Target, tuple[torch.Tensor, torch.Tensor]]] = {cid: {} for cid in uploads}
-            for t, ups in sorted(updates.items()):
-                result = AGGREGATORS[self.cfg.method](ups)
-                if self.merging:
-                    merged[t] = result.global_update
-                    lora_layer(self.model, t).add_to_weight(t.proj, merged[t].dense())
-                else:
-                    self.global_adapter[t] = result.global_update
-                    for cid, ab in result.client_factors.items():
-                        starts[cid][t] = ab
-            self._update_importance(uploads, device_scores, round_number)
+                adapters = {t: (a, b, self.cfg.alpha / a.shape[0]) for t, (a, b) in tensors_to_factors(tensors).items()}
+                adapters.update({t: (f.A.detach(), f.B.detach(), f.scale) for t, f in client.factors.items()})
+                contributions.append(Contribution(client_id, client.examples, adapters,
+                                                  {**device_scores.get(client_id, {}), **client.scores}))
+            result = close_round(self.strategy, self.model, contributions, self.tracker, self.targets,
+                                 run_progress(round_number, self.cfg.rounds))
+            if result.importance is not None:
+                self.importance = result.importance
+            self.global_adapter.update(result.global_adapter)
+            for client_id, starts in result.starts.items():
+                if starts:
+                    self.store.save_tensors(start_factors(client_id), factors_to_tensors(starts))
+            ctx = self._context()
             replies = {}
             for client in self.clients.values():
-                if self.merging:
-                    old_split = client.plan.split
-                    new = self._plan(client.budget, client.speed, client.device)
-                    if should_replan(client.plan, new, False, self.cfg.planner, self.importance):
-                        client.plan = new
-                    replies[client.id] = self._update_payload(merged, old_split, client.plan.split)
+                old_split = client.plan.split
+                client.plan = self.strategy.next_plan(ctx, self._participant(client))
+                if self.strategy.merges:
+                    factors = {t: (u.A, u.B) for t, u in result.merged.items() if t.layer < old_split}
+                    replies[client.id] = Update(MERGE, factors, self._new_blocks(old_split, client.plan.split))
                 else:
-                    # The client's own factors at its own ranks; plans stay (a new rank has no factors).
-                    # A client that missed the round starts the next one where it started this one.
-                    if client.id in starts:
-                        self.store.save_tensors(start_factors(client.id), factors_to_tensors(starts[client.id]))
                     saved = tensors_to_factors(self.store.load_tensors(start_factors(client.id)) or {})
-                    replies[client.id] = factors_to_tensors(
-                        {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
+                    replies[client.id] = Update(START, {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
                 self._fresh_adapters(client, round_number + 1)
-            if self.merging:
-                self.store.save_tensors(DELTAS, self.deltas())
+            if self.strategy.merges:
+                self.store.save_tensors(MERGED_DELTAS, self.deltas())
             else:
                 self.store.save_tensors(GLOBAL_ADAPTER, factors_to_tensors(
                     {t: (u.A, u.B) for t, u in self.global_adapter.items()}))
@@ -291,25 +248,14 @@ class ServerTrainer:
                                                  for t, v in self.tracker.smoothed.items()})
             return replies
 
-    def _update_importance(self, uploads, device_scores, round_number: int) -> None:
-        """Average the round's scores over the clients (each scored its device and its server
-        blocks) and fold them into the smoothed importance, as the simulation does."""
-        rows = [{**device_scores.get(cid, {}), **self.clients[cid].scores} for cid in uploads]
-        mean = mean_scores([r for r in rows if r])
-        if mean:
-            progress = (round_number - 1) / max(self.cfg.rounds - 1, 1)  # rounds count from 1
-            self.importance = fill_unscored(self.tracker.update(mean, progress), self.targets)
-
-    def _update_payload(self, merged: dict[Target, LowRank], old_split: int, new_split: int) -> dict[str, torch.Tensor]:
+    def _new_blocks(self, old_split: int, new_split: int) -> dict[Target, torch.Tensor]:
+        """The merged deltas of the blocks a deeper split brings onto a device."""
         out = {}
-        for t, update in merged.items():
-            if t.layer < old_split:
-                out[f"{t}.A"], out[f"{t}.B"] = update.A, update.B
         for t in self.targets:
             if old_split <= t.layer < new_split:
                 delta = lora_layer(self.model, t).weight_slice(t.proj).detach() - self.base[t]
                 if delta.abs().max() > 0:
-                    out[f"{t}.delta"] = delta
+                    out[t] = delta
         return out
 
     def deltas(self) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from aiohttp import web
 from transformers.utils import logging as hf_logging
 
 from hsplitlora.data import default_e2e_dir
-from hsplitlora.demo import _wait_healthy
+from app.demo import wait_healthy
 from hsplitlora.models import load_model
 from server.app import STATE, make_app
 from server.config import ServerConfig
@@ -56,18 +56,25 @@ def randomize_adapters(factors, seed: int = 0, std: float = 0.1) -> None:
 
 
 @asynccontextmanager
-async def running_server(cfg: ServerConfig):
-    """A real aiohttp server on 127.0.0.1 (a free port): yields its URL and its state."""
-    app = make_app(cfg)
+async def serving(app: web.Application):
+    """An aiohttp application served on 127.0.0.1 (a free port): yields its URL."""
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
-        yield f"http://{host}:{port}", app[STATE]
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def running_server(cfg: ServerConfig):
+    """A real aiohttp server on 127.0.0.1 (a free port): yields its URL and its state."""
+    app = make_app(cfg)
+    async with serving(app) as url:
+        yield url, app[STATE]
 
 
 def server_config(tmp_path, **kw) -> ServerConfig:
@@ -81,10 +88,10 @@ def server_config(tmp_path, **kw) -> ServerConfig:
 def server_process(state, port: int, *args: str, stderr=subprocess.DEVNULL, context=None) -> subprocess.Popen:
     """`hsplitlora server --port PORT --state STATE ARGS...` as a process, once it answers /healthz
     (over HTTPS with `context`, an ssl.SSLContext); killed if it never does."""
-    proc = subprocess.Popen([sys.executable, "-m", "hsplitlora", "server", "--port", str(port), "--state", str(state),
+    proc = subprocess.Popen([sys.executable, "-m", "app", "server", "--port", str(port), "--state", str(state),
                              *args], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_healthy(f"{'https' if context else 'http'}://127.0.0.1:{port}", proc, timeout_s=120, context=context)
+        wait_healthy(f"{'https' if context else 'http'}://127.0.0.1:{port}", proc, timeout_s=120, context=context)
     except BaseException:
         proc.kill()
         proc.wait()

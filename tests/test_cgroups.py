@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.cgroups import capped_cgroup, headroom, memory_cgroups
-from edge_sdk.profile import available_memory
+from edge_sdk.cgroups import available_memory
 
 MIB = 2**20
 UNLIMITED_V1 = "9223372036854771712"
@@ -106,7 +106,7 @@ def run_in(group, code: str) -> subprocess.CompletedProcess:
 
 def test_a_process_in_a_capped_cgroup_sees_its_cap_as_available_memory(capped):
     assert available_memory() > 1024 * MIB, "the test needs a machine with more than 1 GiB free"
-    out = run_in(capped, "from edge_sdk.profile import available_memory; print(available_memory())")
+    out = run_in(capped, "from edge_sdk.cgroups import available_memory; print(available_memory())")
     assert out.returncode == 0, out.stderr
     seen = int(out.stdout.split()[-1])
     # The interpreter and torch (imported with edge_sdk.profile) hold part of the cap already.

@@ -6,7 +6,7 @@ import pytest
 
 from edge_sdk.cgroups import capped_cgroup
 from hsplitlora.cost import StepShape
-from hsplitlora.demo import MIB, DemoConfig, DemoError, _run, run_demo
+from app.demo import MIB, DemoConfig, DemoError, _run, run_demo
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.models import load_dims
 from hsplitlora.planner import Budget, MeasuredDevice, PlannerConfig, plan_device, uniform_importance

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import server_process
-from hsplitlora.demo import _free_port
+from app.demo import free_port
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.importance import all_targets
 from hsplitlora.lora import lora_layer
@@ -37,9 +37,9 @@ def _simulated(cfg: SimConfig):
 
 def _networked(cfg: SimConfig, fed: Federation, workdir, runtimes: list[str] | None = None):
     """Run the same federation over HTTP; returns (server deltas, per-client device deltas, status)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    py = [sys.executable, "-m", "hsplitlora"]
+    py = [sys.executable, "-m", "app"]
     server = server_process(
         workdir / "state", port, "--model", cfg.model, "--wire", "fp32", "--rounds", str(cfg.rounds),
         "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps), "--batch-size",

@@ -15,7 +15,7 @@ import export
 from export import Manifest, onnx_backend, parse_formats
 from export.cli import build_parser, main
 from export.executorch_backend import load_training_module
-from export.manifest import SCHEMA, check_files
+from hsplitlora.federation.manifest import SCHEMA, check_files
 from export.partition import Op, cut
 from export.passes import (broadcast_instead_of_expand, drop_no_op_views, drop_unit_loss_seed, mask_softmax_by_the_mask,
                            remove_multiply_by_one, replace_empty_permuted, replace_small_powers,
@@ -267,7 +267,7 @@ def test_cli_help_and_errors(capsys, tmp_path):
     for flag in ("--model", "--split", "--ranks", "--batch", "--seq", "--format", "--out"):
         assert flag in text
     args = build_parser().parse_args(["--split", "2", "--out", "d"])
-    assert (args.format, args.batch, args.seq, args.ranks) == ("both", 4, 128, "q=8,v=8")
+    assert (args.formats, args.batch, args.seq, args.ranks) == ("both", 4, 128, "q=8,v=8")
     assert main(["--model", "tiny-llama", "--split", "9", "--out", str(tmp_path / "x")]) == 2
     assert "split must satisfy" in capsys.readouterr().err
 

@@ -1,6 +1,6 @@
 import json
 
-from hsplitlora.cli import main
+from app.cli import main
 
 
 def test_finetune_cli_lowers_the_held_out_loss_and_writes_a_peft_adapter(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_prediction_matches_a_real_client_process_on_a_tiny_model(tmp_path, prof
 # ----- planning from a profile, end to end ------------------------------------------------------
 def _cli(*args: str):
     """`hsplitlora ...` as a real process (for use inside the loop that serves the test's server)."""
-    return asyncio.create_subprocess_exec(sys.executable, "-m", "hsplitlora", *args, stdout=asyncio.subprocess.PIPE,
+    return asyncio.create_subprocess_exec(sys.executable, "-m", "app", *args, stdout=asyncio.subprocess.PIPE,
                                           stderr=asyncio.subprocess.PIPE)
 
 

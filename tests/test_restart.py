@@ -6,10 +6,11 @@ import os
 import signal
 import urllib.request
 
+from app.demo import free_port
 from conftest import server_process
 from edge_sdk.client import AsyncClient
 from hsplitlora.data import load_e2e_train, shard
-from hsplitlora.demo import _free_port
+from hsplitlora.federation.protocol import update_path
 
 
 def _start(state, port):
@@ -24,7 +25,7 @@ def _status(url):
 
 def test_a_killed_server_resumes_at_the_last_round_and_keeps_accepted_uploads(tmp_path, e2e_dir):
     shards = shard(load_e2e_train(e2e_dir)[:100], 2, iid=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start(tmp_path / "state", port)
     try:
@@ -57,7 +58,7 @@ def test_a_killed_server_resumes_at_the_last_round_and_keeps_accepted_uploads(tm
             await b.run(1)  # B's upload completes round 2 with A's upload from before the kill
             a = AsyncClient(url, shards[0], 12e6, token=token_a)
             await a.register()
-            status_code, _, _ = await a._request("GET", "/v1/rounds/2/update")
+            status_code, _, _ = await a.transport.request("GET", update_path(2), expect=(200, 202))
             await a.close()
             return status_code, a.round
 

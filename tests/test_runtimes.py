@@ -17,6 +17,7 @@ from edge_sdk.runtimes import (
 )
 from edge_sdk.runtimes.torch_runtime import TorchRuntime
 from export.testing import cached_build, copy_export
+from hsplitlora.federation.protocol import MERGE, Update, tensors_to_factors
 from hsplitlora.lora import Target, apply_lora
 from hsplitlora.models import load_model
 
@@ -152,13 +153,14 @@ def test_merged_update_is_applied_in_place(config, built, runtime, tmp_path):
     ref = eager(config)
     rt = open_runtime(runtime, directory)
     gen = torch.Generator().manual_seed(5)
-    update = {}
+    factors = {}
     for target, rank in manifest.ranks.items():
         a_shape = next(t.shape for t in manifest.lora if t.name == f"{target}.A")
         b_shape = next(t.shape for t in manifest.lora if t.name == f"{target}.B")
-        update[f"{target}.A"] = torch.randn(rank + 1, a_shape[1], generator=gen) * 0.1  # stacked: any R
-        update[f"{target}.B"] = torch.randn(b_shape[0], rank + 1, generator=gen) * 0.1
-    # A weight this segment does not adapt changes too when another client adapts it (dense update).
+        factors[Target.parse(target)] = (torch.randn(rank + 1, a_shape[1], generator=gen) * 0.1,  # stacked: any R
+                                         torch.randn(b_shape[0], rank + 1, generator=gen) * 0.1)
+    update = {str(t): d for t, d in Update(MERGE, factors).dense().items()}
+    # A weight this segment does not adapt changes too when another client adapts it.
     assert "0.o" not in manifest.ranks
     update["0.o"] = torch.randn(manifest.hidden, manifest.hidden, generator=gen) * 0.1
     lora = random_lora(ref.lora_shapes(), seed=9)
@@ -215,12 +217,9 @@ def test_merging_an_adapter_into_the_weights_keeps_the_output(config):
     config_ = rt.segment.config
     ids, mask, _ = batch((2, 5, config_.hidden_size, config_.vocab_size), seed=2)
     before = rt.forward(ids, mask)
-    update, lora = {}, rt.lora_tensors()
-    for key in [k for k in lora if k.endswith(".A")]:
-        target = key[:-2]
-        update[f"{target}.A"] = lora[key].clone()
-        update[f"{target}.B"] = lora[f"{target}.B"] * (16.0 / lora[key].shape[0])
-    rt.apply_merged_update(update)
+    lora = rt.lora_tensors()
+    factors = {t: (a.clone(), b * (16.0 / a.shape[0])) for t, (a, b) in tensors_to_factors(lora).items()}
+    rt.apply_merged_update({str(t): d for t, d in Update(MERGE, factors).dense().items()})
     rt.set_lora_tensors({k: torch.zeros_like(v) for k, v in lora.items() if k.endswith(".B")})
     assert rel_err(rt.forward(ids, mask), before) <= 1e-5
 

@@ -6,10 +6,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hsplitlora.aggregation import exact_update, ClientUpdate
-from hsplitlora.cli import main
+from app.cli import main
 from hsplitlora.finetune import EvalConfig
 from hsplitlora.lora import lora_layer
-from hsplitlora.simulate import METHODS, Federation, SimConfig, simulate
+from hsplitlora.federation.strategies import METHODS
+from hsplitlora.simulate import Federation, SimConfig, simulate
 
 
 def _cfg(e2e_dir, method="hsplitlora", **kw):
@@ -43,7 +44,7 @@ def test_hsplitlora_merges_exactly_the_weighted_sum_of_the_clients_updates(e2e_d
     want = {t: exact_update([ClientUpdate(c.name, c.factors[t].A.detach().clone(), c.factors[t].B.detach().clone(),
                                           c.factors[t].scale, float(len(c.data)))
                              for c in fed.clients if t in c.factors]).dense() for t in targets}
-    fed._aggregate()
+    fed._end_round(1, {})
     for t in targets:
         got = lora_layer(fed.model, t).weight_slice(t.proj) - before[t]
         assert torch.allclose(got, want[t], atol=1e-6), t

@@ -7,7 +7,7 @@ from hsplitlora.split import split_model
 
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])  # 4: every block on the device, the server the head
 def test_device_then_server_equals_full_model_logits(tiny, text_batch, name, k):
     model, tok = tiny(name)
     ids, mask = text_batch(tok)
@@ -51,7 +51,7 @@ def test_split_with_lora_matches_and_gradients_flow_across_the_cut(tiny, text_ba
         assert torch.allclose(split_grads[target], f.A.grad, atol=1e-6), target
 
 
-@pytest.mark.parametrize("k", [0, 4, -1])
+@pytest.mark.parametrize("k", [0, 5, -1])
 def test_split_point_outside_the_model_is_refused(tiny, k):
     model, _ = tiny("tiny-llama")
     with pytest.raises(ValueError, match="split point"):

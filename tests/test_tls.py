@@ -16,7 +16,7 @@ import trustme
 
 from conftest import server_process
 from hsplitlora.data import load_e2e_train
-from hsplitlora.demo import _free_port
+from app.demo import free_port
 
 SERVER_ARGS = ["--model", "tiny-llama", "--clients-per-round", "1", "--local-steps", "2", "--batch-size", "2",
                "--max-len", "400"]
@@ -36,14 +36,14 @@ def test_server_and_client_train_over_https_and_an_untrusted_certificate_is_refu
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
                             for e in load_e2e_train(e2e_dir)[:20]))
-    port = _free_port()
+    port = free_port()
     url = f"https://127.0.0.1:{port}"
     trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     server = server_process(tmp_path / "state", port, *SERVER_ARGS, "--tls-cert", str(tmp_path / "server.pem"),
                             "--tls-key", str(tmp_path / "server.key"), context=trusted)
     try:
         client = subprocess.run(
-            [sys.executable, "-m", "hsplitlora", "client", "--server", url, "--cafile", str(tmp_path / "ca.pem"),
+            [sys.executable, "-m", "app", "client", "--server", url, "--cafile", str(tmp_path / "ca.pem"),
              "--data", str(data), "--memory-budget", "12000000", "--rounds", "1"],
             capture_output=True, text=True, timeout=300)
         assert client.returncode == 0, client.stderr[-2000:]

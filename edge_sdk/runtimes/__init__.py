@@ -21,8 +21,9 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from edge_sdk.runtimes.base import ArtifactError, DeviceRuntime, dense_updates, fresh_lora
+from edge_sdk.runtimes.base import DeviceRuntime, fresh_lora
 from edge_sdk.runtimes.optim import AdamW
+from hsplitlora.federation.manifest import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "PREFERENCE", "AdamW", "ArtifactError", "DeviceRuntime", "ExecuTorchRuntime", "OnnxRuntime",
-    "TorchRuntime", "available_runtimes", "choose_runtime", "dense_updates", "fresh_lora",
+    "TorchRuntime", "available_runtimes", "choose_runtime", "fresh_lora",
     "open_runtime",
 ]

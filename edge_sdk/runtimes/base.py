@@ -19,16 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsplitlora.federation.manifest import MANIFEST, ArtifactError
 from hsplitlora.hashing import sha256_file
-from hsplitlora.lora import init_generator, initial_A
-
-MANIFEST = "manifest.json"
-SCHEMA = "hsplitlora.device-segment/2"
-
-
-class ArtifactError(RuntimeError):
-    """An export directory that cannot be used: missing, corrupted, or of another shape."""
-
+from hsplitlora.lora import Target, init_generator, initial_A
 
 class DeviceRuntime(ABC):
     """A device segment with trainable LoRA, behind one of the runtimes."""
@@ -61,6 +54,12 @@ class DeviceRuntime(ABC):
             raise RuntimeError("backward() needs a forward(..., keep=True) first (one backward per forward)")
         return kept
 
+    def importance_probe(self):
+        """A context manager scoring this segment's weights' importance over the forward and
+        backward it spans (`.normalised()` after it), or None where the runtime computes no weight
+        gradients (the exported artifacts)."""
+        return None
+
     @abstractmethod
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """The live LoRA tensors by key; an optimizer updates them in place."""
@@ -78,43 +77,21 @@ class DeviceRuntime(ABC):
                     raise ValueError(f"{key}: shape {tuple(value.shape)}, the segment's is {tuple(live[key].shape)}")
                 live[key].copy_(value.to(live[key].dtype))
 
-    def apply_merged_update(self, update: dict[str, torch.Tensor]) -> None:
-        """Add an aggregated update to the frozen weights (design §4: no new download).
-
-        `update` holds, per target, either stacked factors '<t>.A' (R x d_in) and '<t>.B'
-        (d_out x R), added as B @ A (scale folded into B, as the server sends them), or a dense
-        '<t>' (d_out x d_in). The LoRA tensors are left as they are: after a merge the caller
-        restarts them (`fresh_lora`, or values from the server) and resets the optimizer.
+    def apply_merged_update(self, changes: dict[str, torch.Tensor]) -> None:
+        """Add dense changes to the frozen weights (design §4: no new download): '<layer>.<proj>'
+        -> (d_out, d_in), e.g. a merge update's `Update.dense()` keyed by `str(target)`. The LoRA
+        tensors are left as they are: after a merge the caller restarts them (`fresh_lora`, or
+        values from the server) and resets the optimizer.
         """
-        self._merge(dense_updates(update))
+        for key in changes:
+            Target.parse(key)  # ValueError for anything but '<layer>.<proj>'
+        self._merge({k: torch.as_tensor(v).float() for k, v in changes.items()})
 
     def _merge(self, deltas: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"the {self.name} runtime cannot merge updates into its frozen weights")
 
     def lora_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.lora_tensors().items()}
-
-
-def dense_updates(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """'<t>.A' + '<t>.B' pairs and dense '<t>' entries -> {'<t>': d_out x d_in delta}."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in update.items():
-        value = torch.as_tensor(value).float()
-        head, _, kind = key.rpartition(".")
-        if kind == "A":
-            if f"{head}.B" not in update:
-                raise ValueError(f"update has {key} without {head}.B")
-            out[head] = torch.as_tensor(update[f"{head}.B"]).float() @ value
-        elif kind == "B":
-            if f"{head}.A" not in update:
-                raise ValueError(f"update has {key} without {head}.A")
-        elif kind == "delta":
-            raise ValueError(f"{key}: a block new to this device needs a new artifact, not a merge")
-        elif kind.isalpha() and head.isdigit():
-            out[key] = value
-        else:
-            raise ValueError(f"unexpected tensor {key!r} in an update (expected '<layer>.<proj>[.A|.B]')")
-    return out
 
 
 def fresh_lora(shapes: dict[str, tuple[int, ...]], seed: tuple = (0,)) -> dict[str, torch.Tensor]:
@@ -127,30 +104,7 @@ def fresh_lora(shapes: dict[str, tuple[int, ...]], seed: tuple = (0,)) -> dict[s
     return out
 
 
-# ---- artifact directories (export/manifest.py writes them; this side only reads JSON) ---------
-
-
-def read_manifest(directory: Path, fmt: str, verify_hashes: bool = True) -> dict:
-    """The manifest of an export directory, checked: schema, the format present, files intact."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{directory} holds no {MANIFEST}: not an export directory (hsplitlora export)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise ArtifactError(f"{path}: schema {manifest.get('schema')!r}, this SDK reads {SCHEMA!r}: "
-                            "export the segment again (hsplitlora export) or let the server rebuild it")
-    if fmt not in manifest["artifacts"]:
-        raise ArtifactError(f"{directory} has no {fmt} artifact (it has {sorted(manifest['artifacts'])})")
-    if verify_hashes:
-        art = manifest["artifacts"][fmt]
-        for name, digest in art["sha256"].items():
-            file = Path(directory) / name
-            if not file.is_file():
-                raise ArtifactError(f"{file} is missing")
-            if file.stat().st_size != art["bytes"][name] or sha256_file(file) != digest:
-                raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: corrupted or changed; "
-                                    "download the artifact again")
-    return manifest
+# ---- artifact directories (hsplitlora.federation.manifest is their contract) ---------------------
 
 
 def check_inputs(manifest: dict, input_ids, attention_mask, upstream_grad=None) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from edge_sdk.runtimes.base import DeviceRuntime, check_grad, check_inputs, patch_frozen_weights, read_manifest
+from edge_sdk.runtimes.base import DeviceRuntime, check_grad, check_inputs, patch_frozen_weights
+from hsplitlora.federation.manifest import read_manifest
 
 FORMAT = "pte"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk.runtimes.base import (DeviceRuntime, check_grad, check_inputs, fresh_lora, patch_frozen_weights,
-                                   read_manifest)
+from edge_sdk.runtimes.base import DeviceRuntime, check_grad, check_inputs, fresh_lora, patch_frozen_weights
+from hsplitlora.federation.manifest import read_manifest
 
 FORMAT = "onnx"
 

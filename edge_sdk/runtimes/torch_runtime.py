@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from edge_sdk.runtimes.base import DeviceRuntime
-from hsplitlora.importance import all_targets
-from hsplitlora.lora import LoRALinear, Target, apply_lora, lora_layer, parse_ranks
+from hsplitlora.importance import SensitivityProbe, all_targets
+from hsplitlora.lora import LoRALinear, Target, apply_lora, install_adapters, lora_layer, parse_ranks
 from hsplitlora.split import Segment, split_model
 
 
@@ -15,18 +15,19 @@ class TorchRuntime(DeviceRuntime):
 
     name = "torch"
 
-    def __init__(self, segment: Segment):
+    def __init__(self, segment: Segment, model=None):
         self.segment = segment.eval()
+        self.model = model  # the whole model the segment is cut from, when known: it can score importance
         self._params: dict[str, torch.nn.Parameter] = {}
         for offset, block in enumerate(segment.blocks):
             for _, module in block.named_modules():
                 if isinstance(module, LoRALinear):
                     for proj, factors in module.adapters.items():
-                        self._params[f"{segment.start + offset}.{proj}.A"] = factors.A
-                        self._params[f"{segment.start + offset}.{proj}.B"] = factors.B
+                        target = Target(segment.start + offset, proj)
+                        self._params[target.key("A")], self._params[target.key("B")] = factors.A, factors.B
         if not self._params:
             raise ValueError("the segment has no LoRA adapters: nothing to train")
-        self._params = dict(sorted(self._params.items(), key=lambda kv: _order(kv[0])))
+        self._params = dict(sorted(self._params.items(), key=lambda kv: Target.from_key(kv[0])))
 
     @classmethod
     def from_model(cls, model, split: int, ranks: str | dict[Target, int], alpha: float = 16.0) -> TorchRuntime:
@@ -37,10 +38,11 @@ class TorchRuntime(DeviceRuntime):
         n = len(segment_blocks(model))
         if isinstance(ranks, str):
             ranks = parse_ranks(ranks, n)
+        install_adapters(model, {})  # an earlier plan's adapters go
         for target in all_targets(model, range(split)):
             lora_layer(model, target)
         apply_lora(model, {t: r for t, r in ranks.items() if t.layer < split}, alpha)
-        return cls(split_model(model, split)[0])
+        return cls(split_model(model, split)[0], model)
 
     def step(self, input_ids, attention_mask, upstream_grad):
         params = list(self._params.values())
@@ -64,8 +66,21 @@ class TorchRuntime(DeviceRuntime):
 
     def backward(self, upstream_grad):
         h = self._take_kept()
-        grads = torch.autograd.grad(h, list(self._params.values()), torch.as_tensor(upstream_grad))
-        return dict(zip(self._params, grads))
+        # A full backward (not autograd.grad over the LoRA tensors alone), so that an importance
+        # probe's hooks see the gradient at every weight's output, adapted or not.
+        params = self._params.values()
+        for p in params:
+            p.grad = None
+        h.backward(torch.as_tensor(upstream_grad))
+        grads = {k: p.grad for k, p in self._params.items()}
+        for p in params:
+            p.grad = None
+        return grads
+
+    def importance_probe(self):
+        if self.model is None:
+            return None
+        return SensitivityProbe(self.model, all_targets(self.model, range(self.segment.start, self.segment.stop)))
 
     def lora_tensors(self):
         return {k: p.data for k, p in self._params.items()}
@@ -87,8 +102,3 @@ def segment_blocks(model):
     from hsplitlora.family import family_of
 
     return family_of(model).blocks(model)
-
-
-def _order(key: str) -> tuple:
-    layer, proj, which = key.split(".")
-    return int(layer), proj, which

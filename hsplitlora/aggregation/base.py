@@ -55,14 +55,14 @@ class AggregationResult:
     """What an aggregation round produces for one weight.
 
     `global_update` is the update of the global model relative to the frozen W it started the
-    round with. If `merge` is set, every holder of W folds it into W and the clients restart from
-    fresh adapters (`client_factors` is None). Otherwise W stays frozen, the global model is
+    round with. Whether it is merged into W is the strategy's choice
+    (`hsplitlora.federation.strategies`): merged, the clients restart from fresh adapters and
+    `client_factors` is None (naa); kept apart, W stays frozen, the global model is
     W + global_update, and each client continues from its own `client_factors[client] = (A, B)`
     (unscaled: the client keeps its alpha / r).
     """
 
     global_update: LowRank
-    merge: bool
     client_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 

@@ -20,6 +20,5 @@ def aggregate(updates: list[ClientUpdate]) -> AggregationResult:
     scale = updates[0].scale
     return AggregationResult(
         global_update=LowRank(B=scale * b, A=a),
-        merge=False,
         client_factors={u.client: (a.clone(), b.clone()) for u in updates},
     )

@@ -31,4 +31,4 @@ def aggregate(updates: list[ClientUpdate]) -> AggregationResult:
         a[:r] = vh[:r]
         b[:, :r] = u[:, :r] * s[:r] / upd.scale
         factors[upd.client] = (a, b)
-    return AggregationResult(global_update=total, merge=False, client_factors=factors)
+    return AggregationResult(global_update=total, client_factors=factors)

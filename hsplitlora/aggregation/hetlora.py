@@ -23,6 +23,5 @@ def aggregate(updates: list[ClientUpdate]) -> AggregationResult:
         b[:, : u.rank] += pk * u.scale * u.B
     return AggregationResult(
         global_update=LowRank(B=b, A=a),
-        merge=False,
         client_factors={u.client: (a[: u.rank].clone(), b[:, : u.rank] / u.scale) for u in updates},
     )

@@ -11,4 +11,4 @@ from hsplitlora.aggregation.base import AggregationResult, ClientUpdate, exact_u
 
 
 def aggregate(updates: list[ClientUpdate]) -> AggregationResult:
-    return AggregationResult(global_update=exact_update(updates), merge=True)
+    return AggregationResult(global_update=exact_update(updates))

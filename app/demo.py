@@ -32,25 +32,26 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_sdk.cgroups import MemoryCgroup, capped_cgroup
-from edge_sdk.profile import available_memory
+from edge_sdk.cgroups import MemoryCgroup, available_memory, capped_cgroup
+from hsplitlora.configs import option
 from hsplitlora.cost import ModelDims, StepShape
-from hsplitlora.data import default_e2e_dir, load_examples, shard
-from hsplitlora.finetune import EvalConfig, evaluate, split_eval, spread
+from hsplitlora.data import load_examples, shard
+from hsplitlora.finetune import evaluate, split_eval, spread
 from hsplitlora.lora import Target, lora_layer
-from hsplitlora.models import DEFAULT_MODEL, load_model
+from hsplitlora.models import load_model
 from hsplitlora.planner import Budget, MeasuredDevice, PlannerConfig, choose_split
 from hsplitlora.predict import DeviceRates
 from hsplitlora.report import metrics_table, table
-from hsplitlora.simulate import device_budgets
+from hsplitlora.simulate import FederationConfig, device_budgets
+from server.store import MERGED_DELTAS
 
 log = logging.getLogger(__name__)
-PY = [sys.executable, "-m", "hsplitlora"]
+PY = [sys.executable, "-m", "app"]  # the `hsplitlora` command of this interpreter
 MIB = 2**20
 
 
@@ -59,22 +60,14 @@ class DemoError(RuntimeError):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(FederationConfig):
     """`hsplitlora demo` options."""
 
-    model: str = DEFAULT_MODEL
-    data: Path = field(default_factory=default_e2e_dir)
-    clients: int = 5
-    rounds: int = 3
-    local_steps: int = 4
-    batch_size: int = 4
-    max_len: int = 128
-    budget_spread: float = 4.0
-    max_threads: int = 2  # clients get 1, 2, 1, 2, ... torch threads (capped by the cores)
-    # Seconds of one device step every client accepts, predicted from its measured per-block
-    # time: on this project's 2-core machine one thread fits 8 or 9 blocks of SmolLM2-135M, two 15.
-    step_time_budget: float | None = 1.2
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_threads: int = option(2, help="clients get 1, 2, ... up to this many torch threads, in turn (capped by the cores)")
+    # On this project's 2-core machine one thread fits 8 or 9 blocks of SmolLM2-135M in 1.2 s, two 15.
+    step_time_budget: float | None = option(
+        1.2, metavar="SECONDS", parse=lambda text: float(text) or None,
+        help="seconds of one device step every client accepts, predicted from its profile; 0 for none")
 
 
 @dataclass
@@ -112,13 +105,13 @@ def _mib(n: float | None) -> float | None:
     return None if n is None else n / MIB
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc, timeout_s: float = 300.0, context=None) -> None:
+def wait_healthy(url: str, proc, timeout_s: float = 300.0, context=None) -> None:
     """Until the server process answers /healthz (over HTTPS with `context`, an ssl.SSLContext)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -222,7 +215,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     budgets = device_budgets(dims, shape, cfg.clients, cfg.budget_spread, PlannerConfig())
     most = max(1, min(cfg.max_threads, os.cpu_count() or 1))
     clients = [DemoClient(f"client{i}", 1 + i % most, b.memory_bytes) for i, b in enumerate(budgets)]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     # The server does most of the compute (every client's remaining blocks): torch's threads.
@@ -235,7 +228,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     measuring = asyncio.ensure_future(_runtime_needs(cfg, workdir, prefix))
     procs, bars, rounds = [], [], {}
     try:
-        await asyncio.get_running_loop().run_in_executor(None, _wait_healthy, url, server)
+        await asyncio.get_running_loop().run_in_executor(None, wait_healthy, url, server)
         log.info("server up: the run's status page is %s/status (Prometheus metrics at /metrics)", url)
         needs = await measuring
         if needs:
@@ -317,7 +310,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         seconds = time.perf_counter() - started - run["setup_seconds"]
         from safetensors.torch import load_file
 
-        deltas = load_file(str(workdir / "state" / "deltas" / "merged.safetensors"))
+        deltas = load_file(str(workdir / "state" / MERGED_DELTAS))
     for key, delta in deltas.items():
         t = Target.parse(key)
         lora_layer(model, t).add_to_weight(t.proj, delta)

@@ -1,6 +1,8 @@
 """`manifest.json`: what an export directory holds, for the SDK, the server and a person.
 
-The format is documented in docs/export.md ("The manifest"); bump SCHEMA on incompatible changes.
+One contract, three readers: `export` writes it (`Manifest.save`), the server caches artifacts by
+its `SCHEMA`, and a device checks a downloaded directory with `read_manifest`. The format is
+documented in docs/export.md ("The manifest"); bump SCHEMA on incompatible changes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from hsplitlora.hashing import sha256_file
 
 SCHEMA = "hsplitlora.device-segment/2"  # 2: forward and backward graphs
 MANIFEST = "manifest.json"
+DEFAULT_RTOL = 1e-5  # the verification bound of an export, relative to the largest |h| / |gradient|
+
+
+class ArtifactError(RuntimeError):
+    """An export directory that cannot be used: missing, corrupted, or of another shape."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,33 @@ class Manifest:
         return cls.from_dict(json.loads((Path(directory) / MANIFEST).read_text()))
 
 
-def check_files(directory: Path, artifact: Artifact) -> list[str]:
-    """Files of an artifact whose size or sha256 differs from the manifest (empty: all intact)."""
+def check_files(directory: Path, artifact: Artifact | dict) -> list[str]:
+    """Files of an artifact (a manifest's entry, or its JSON) whose size or sha256 differs from
+    the manifest (empty: all intact)."""
+    art = asdict(artifact) if isinstance(artifact, Artifact) else artifact
     bad = []
-    for name, digest in artifact.sha256.items():
+    for name, digest in art["sha256"].items():
         path = Path(directory) / name
         if not path.is_file():
             bad.append(f"{name}: missing")
-        elif path.stat().st_size != artifact.bytes[name] or sha256_file(path) != digest:
-            bad.append(f"{name}: sha256 differs from the manifest")
+        elif path.stat().st_size != art["bytes"][name] or sha256_file(path) != digest:
+            bad.append(f"{name}: does not match its sha256 in {MANIFEST} (corrupted or changed)")
     return bad
+
+
+def read_manifest(directory: Path, fmt: str, verify_hashes: bool = True) -> dict:
+    """The manifest of an export directory as JSON, checked: schema, the format present, files
+    intact (ArtifactError otherwise, saying what to do)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} holds no {MANIFEST}: not an export directory (hsplitlora export)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") != SCHEMA:
+        raise ArtifactError(f"{path}: schema {manifest.get('schema')!r}, this SDK reads {SCHEMA!r}: "
+                            "export the segment again (hsplitlora export) or let the server rebuild it")
+    if fmt not in manifest["artifacts"]:
+        raise ArtifactError(f"{directory} has no {fmt} artifact (it has {sorted(manifest['artifacts'])})")
+    bad = check_files(directory, manifest["artifacts"][fmt]) if verify_hashes else []
+    if bad:
+        raise ArtifactError(f"{directory}: {'; '.join(bad)}; download the artifact again")
+    return manifest

@@ -1,5 +1,0 @@
-import sys
-
-from hsplitlora.cli import main
-
-sys.exit(main())
