@@ -40,7 +40,7 @@ import torch
 
 from edge_sdk.fit import DeviceBudget, PlanDoesNotFit, plan_problem
 from edge_sdk.runtimes import FORMAT_OF, AdamW, DeviceRuntime, TorchRuntime, choose_runtime, fresh_lora, open_runtime
-from edge_sdk.transport import HttpTransport, ServerError
+from edge_sdk.transport import HttpTransport, ServerError, Transport
 from hsplitlora.configs import option, parse_bytes
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.data import Example, endless_batches, pad_batch
@@ -101,11 +101,11 @@ class RoundReport:
 class AsyncClient:
     """Register with a server, train rounds of split steps, apply the merged updates.
 
-    `AsyncClient(server, examples, memory_budget, **options)`: `server` is a URL (or a transport);
+    `AsyncClient(server, examples, memory_budget, **options)`: `server` is a URL (or a `Transport`);
     the options are `ClientConfig`'s fields (or `config=` one), plus `ssl` (an `ssl.SSLContext` for
     HTTPS)."""
 
-    def __init__(self, server: str | HttpTransport, examples: Sequence[Example], memory_budget: float | None = None,
+    def __init__(self, server: str | Transport, examples: Sequence[Example], memory_budget: float | None = None,
                  *, ssl=None, config: ClientConfig | None = None, **options):
         if not examples:
             raise ValueError("a client needs at least one training example")
@@ -120,8 +120,9 @@ class AsyncClient:
         self.profile = self.budget.registration()
         if cfg.relative_speed:
             self.profile["relative_speed"] = float(cfg.relative_speed)
-        self.transport = server if isinstance(server, HttpTransport) else HttpTransport(
-            server, cfg.token, retries=cfg.retries, backoff_s=cfg.backoff_s, poll_s=cfg.poll_s, ssl=ssl)
+        self.transport: Transport = HttpTransport(
+            server, cfg.token, retries=cfg.retries, backoff_s=cfg.backoff_s, poll_s=cfg.poll_s, ssl=ssl
+        ) if isinstance(server, str) else server
         self.runtime_name = choose_runtime(None if cfg.runtime == "auto" else cfg.runtime)
         self.artifact_dir = Path(cfg.artifact_dir) if cfg.artifact_dir else cache_dir() / "artifacts"
         self.examples = list(examples)

@@ -42,9 +42,26 @@ from pathlib import Path
 import torch
 
 from edge_sdk.cgroups import available_memory, process_memory
+from hsplitlora.configs import add_arguments as config_arguments
+from hsplitlora.configs import from_arguments, option
+from hsplitlora.federation.protocol import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LEN
+from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP
 
-DEFAULT_BATCH, DEFAULT_SEQ = 4, 128  # the server's defaults (server/config.py)
 LORA_PROBE_RANK = 8
+
+
+@dataclass
+class ProfileConfig:
+    """What `hsplitlora profile` measures, and where it writes the profile."""
+
+    out: Path = option(help="write the profile JSON here")
+    model: str = option(DEFAULT_MODEL, help="the model to profile: " + MODEL_HELP)
+    server: str | None = option(None, help="server URL whose link to measure, e.g. http://127.0.0.1:8080")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, help="sequences per step, as the server trains them")
+    max_len: int = option(DEFAULT_MAX_LEN, help="tokens per sequence, as the server trains them")
+    threads: int | None = option(None, help="torch threads, as the client will use (default: torch's choice)")
+    memory_fraction: float = option(0.8, help="share of the available memory offered for training")
+    cafile: Path | None = option(None, help="CA certificate to trust for an HTTPS server")
 
 
 @dataclass
@@ -308,8 +325,9 @@ async def measure_link(server: str, payload_bytes: int, repeats: int = 3, ssl=No
 
 
 # ----- the whole profile ---------------------------------------------------------------------
-def profile_device(model: str, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, server: str | None = None,
-                   threads: int | None = None, memory_fraction: float = 0.8, wire_bytes: int = 2,
+def profile_device(model: str, batch: int = ProfileConfig.batch_size, seq: int = ProfileConfig.max_len,
+                   server: str | None = None, threads: int | None = None,
+                   memory_fraction: float = ProfileConfig.memory_fraction, wire_bytes: int = 2,
                    ssl=None) -> DeviceProfile:
     """Measure this device for `model` at batch x seq (and the link to `server`, if given)."""
     from hsplitlora.cost import ModelDims, StepShape
@@ -371,27 +389,18 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from hsplitlora.models import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the model to profile (default: %(default)s)")
-    p.add_argument("--server", help="server URL whose link to measure, e.g. http://127.0.0.1:8080")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per step (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=DEFAULT_SEQ, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch threads, as the client will use (default: torch's choice)")
-    p.add_argument("--memory-fraction", type=float, default=0.8,
-                   help="share of the available memory offered for training (default: %(default)s)")
-    p.add_argument("--cafile", type=Path, help="CA certificate to trust for an HTTPS server")
-    p.add_argument("--out", type=Path, required=True, help="write the profile JSON here")
+    config_arguments(p, ProfileConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     import ssl
 
-    context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None
-    profile = profile_device(args.model, args.batch_size, args.max_len, args.server, args.threads,
-                             args.memory_fraction, ssl=context)
+    cfg = from_arguments(ProfileConfig, args)
+    context = ssl.create_default_context(cafile=str(cfg.cafile)) if cfg.cafile else None
+    profile = profile_device(cfg.model, cfg.batch_size, cfg.max_len, cfg.server, cfg.threads, cfg.memory_fraction,
+                             ssl=context)
     print(profile.summary())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    profile.save(args.out)
-    print(f"profile written to {args.out}")
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(cfg.out)
+    print(f"profile written to {cfg.out}")
     return 0

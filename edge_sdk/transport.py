@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import torch
@@ -37,6 +38,24 @@ class ServerError(RuntimeError):
 
 class _Retry(Exception):
     pass
+
+
+class Transport(Protocol):
+    """What the device logic needs of a way to the server. `HttpTransport` is the network's; any
+    object with these methods serves (e.g. one calling a server in the same process)."""
+
+    token: str | None
+
+    async def register(self, profile: dict, examples: int) -> dict: ...
+    async def merged_deltas(self) -> dict[Target, torch.Tensor]: ...
+    async def artifact(self, fmt: str) -> dict: ...
+    async def download(self, url: str, dest: Path, size: int, sha256: str) -> None: ...
+    async def step(self, round_number: int, step: int, tensors: dict[str, torch.Tensor], wire: str
+                   ) -> tuple[torch.Tensor, float, int, int]: ...
+    async def upload(self, round_number: int, adapters: dict[str, torch.Tensor], scores: dict[Target, float]
+                     ) -> int: ...
+    async def wait_update(self, round_number: int) -> tuple[Update, Plan, int, int]: ...
+    async def close(self) -> None: ...
 
 
 class HttpTransport:

@@ -37,6 +37,7 @@ from hsplitlora.data import (
     load_examples,
     shard,
 )
+from hsplitlora.federation.protocol import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LEN
 from hsplitlora.federation.round import Contribution, close_round, run_progress
 from hsplitlora.federation.strategies import METHODS, SERVER_SPEED, Participant, PlanContext, Strategy, strategy
 from hsplitlora.finetune import EvalConfig, evaluate, split_eval, spread
@@ -68,8 +69,8 @@ class FederationConfig:
     clients: int = option(5, help="number of clients (devices)")
     rounds: int = option(3, help="aggregation rounds")
     local_steps: int = option(4, help="local steps per client per round")
-    batch_size: int = option(4, help="examples per step")
-    max_len: int = option(128, help="max tokens per example")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, help="examples per step")
+    max_len: int = option(DEFAULT_MAX_LEN, help="max tokens per example")
     budget_spread: float = option(4.0, help="strongest / weakest device memory budget, as in the paper's setting")
     eval: EvalConfig = field(default_factory=EvalConfig)
 

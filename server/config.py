@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsplitlora.configs import ALPHA_HELP, LR_HELP, option
-from hsplitlora.federation.protocol import Settings
+from hsplitlora.federation.protocol import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LEN, Settings
 from hsplitlora.federation.strategies import SERVER_SPEED, STRATEGIES, Strategy, strategy
 from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP
 from hsplitlora.planner import PlannerConfig
@@ -32,8 +32,8 @@ class ServerConfig:
     round_deadline_s: float = option(600.0, flag="--round-deadline", metavar="SECONDS",
                                      help="seconds after which a round aggregates with the clients that made it")
     local_steps: int = option(4, help="local steps per round")
-    batch_size: int = option(4, help="examples per step")
-    max_len: int = option(128, help="max tokens per example")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, help="examples per step")
+    max_len: int = option(DEFAULT_MAX_LEN, help="max tokens per example")
     lr: float = option(1e-3, help=LR_HELP)
     alpha: float = option(16.0, help=ALPHA_HELP)
     seed: int = option(0, help="seed of the clients' data order and of fresh adapters")

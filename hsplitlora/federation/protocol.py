@@ -25,6 +25,8 @@ from hsplitlora.wire import WIRE_FORMATS, TensorSpec, WireError
 OPENAPI = Path(__file__).with_name("openapi.json")
 VECTORS = Path(__file__).with_name("vectors")
 IGNORE_INDEX = -100  # a label the loss skips (the prompt's tokens, padding)
+# A run's step shape unless its server says otherwise: what a device profiles itself for.
+DEFAULT_BATCH_SIZE, DEFAULT_MAX_LEN = 4, 128
 
 
 class Route:
