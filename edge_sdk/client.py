@@ -236,12 +236,12 @@ class AsyncClient:
         rt.set_lora_tensors(fresh_lora(rt.lora_shapes(), seed=(s.seed, self.number, self.round)))
         rt.set_lora_tensors(self.start)
         self.optimizer.reset()
-        batch_shape = getattr(rt, "manifest", None)  # an exported segment's shapes are fixed
+        shape = rt.batch_shape()
         losses, scores, up, down = [], {}, 0, 0
         for step in range(s.local_steps):
             batch = next(self.stream)
-            if batch_shape:
-                batch = pad_batch(batch, batch_shape["batch"], batch_shape["seq"], self.tokenizer.pad_token_id)
+            if shape:
+                batch = pad_batch(batch, *shape, self.tokenizer.pad_token_id)
             probe = rt.importance_probe() if step == 0 else None  # importance rides on the first step
             with probe or nullcontext():
                 h = rt.forward(batch.input_ids, batch.attention_mask, keep=True)

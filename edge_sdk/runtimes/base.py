@@ -54,6 +54,11 @@ class DeviceRuntime(ABC):
             raise RuntimeError("backward() needs a forward(..., keep=True) first (one backward per forward)")
         return kept
 
+    def batch_shape(self) -> tuple[int, int] | None:
+        """(batch, seq) every batch must be padded to (an exported segment's fixed shapes), or None."""
+        manifest = getattr(self, "manifest", None)
+        return (manifest["batch"], manifest["seq"]) if manifest else None
+
     def importance_probe(self):
         """A context manager scoring this segment's weights' importance over the forward and
         backward it spans (`.normalised()` after it), or None where the runtime computes no weight
