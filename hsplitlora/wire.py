@@ -95,6 +95,8 @@ def decode(data: bytes, specs: dict[str, TensorSpec] | None, max_bytes: int) -> 
             TensorSpec(scale.shape, (torch.float32,)).check(name + _SCALE_SUFFIX, scale)
             TensorSpec(spec.shape, (torch.int8,), finite=False).check(name, t)
             t = t.float() * scale
+            if not bool(torch.isfinite(t).all()):  # finite parts, an overflowing product (int8 x 1e38)
+                raise WireError(f"{name}: the dequantised values (int8 x scale) are not finite")
         else:
             spec.check(name, t)
         out[name] = t.float() if t.is_floating_point() else t

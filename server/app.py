@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
 from server.monitoring import Monitor, render_status_page, snapshot
 from server.store import Store, server_snapshot, update_file
-from server.trainer import ServerTrainer
+from server.trainer import ServerTrainer, StepConflict
 
 log = logging.getLogger(__name__)
 STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
@@ -80,6 +81,8 @@ class ServerState:
         self.limit = cfg.request_limit(self.trainer.dims.hidden, self._adapter_bytes())
         self.aggregating = asyncio.Lock()
         self.scores: dict[str, dict[Target, float]] = {}
+        # (round, client) -> digest of its accepted upload: a retry gets the same answer (kept in memory)
+        self.upload_digests: dict[tuple[int, str], str] = {}
         self.artifacts = ArtifactCache(cfg.state)
         self.monitor = Monitor(self)
 
@@ -110,6 +113,8 @@ class ServerState:
                                          update.to_tensors() or {"empty": torch.zeros(0)})
                 self.store.complete_round(number)
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
+            # An upload is retried right after it is answered: the closed round's digests suffice.
+            self.upload_digests = {k: v for k, v in self.upload_digests.items() if k[0] >= number}
 
     async def deadline_watch(self) -> None:
         while True:
@@ -214,7 +219,10 @@ async def step(request: web.Request) -> web.Response:
     if not 0 <= step_number < state.cfg.local_steps:
         return error(400, f"step must be in [0, {state.cfg.local_steps})")
     body = await request.read()
-    reply, loss, trained = await state.run_model(_train_step, state, client_id, round_number, step_number, body)
+    try:
+        reply, loss, trained = await state.run_model(_train_step, state, client_id, round_number, step_number, body)
+    except StepConflict as e:
+        return error(409, str(e))
     if trained:
         state.store.record_step(round_number, client_id, step_number, loss)
     return web.Response(body=reply, content_type="application/octet-stream",
@@ -229,7 +237,8 @@ def _train_step(state: ServerState, client_id: str, round_number: int, step_numb
     tensors = decode(body, protocol.step_specs(dims.hidden), state.limit)
     protocol.check_step(tensors, cfg.batch_size, cfg.max_len, dims.vocab)
     grad, loss, trained = state.trainer.step(client_id, round_number, step_number, tensors["h"],
-                                             tensors["attention_mask"], tensors["labels"])
+                                             tensors["attention_mask"], tensors["labels"],
+                                             hashlib.sha256(body).hexdigest())
     reply = encode({"grad": grad}, cfg.wire)
     if trained:
         state.monitor.step_seconds.observe(time.perf_counter() - start)
@@ -242,11 +251,22 @@ async def upload_adapters(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     client_id = request[CLIENT]
     round_number = int(request.match_info["round"])
+    body = await request.read()
+    digest = hashlib.sha256(body + request.headers.get(Header.IMPORTANCE, "").encode()).hexdigest()
+    accepted = {"round": round_number, "accepted": True, "open_round": state.round}
+    earlier = state.upload_digests.get((round_number, client_id))
+    if earlier is not None:  # a retry of an accepted upload is answered as it was; another body is not taken
+        if earlier == digest:
+            return web.json_response(accepted, status=202)
+        return error(409, f"this client's adapters of round {round_number} were already accepted (with another body)")
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     plan = state.trainer.clients[client_id].plan
     specs = protocol.adapter_specs(plan.ranks, state.trainer.dims.weight_shape)
-    tensors = await state.run_model(decode, await request.read(), specs, state.limit)
+    tensors = await state.run_model(decode, body, specs, state.limit)
+    problem = await state.run_model(state.trainer.upload_problem, client_id, tensors)
+    if problem:
+        return error(400, f"adapters refused: {problem}")
     scores_header = request.headers.get(Header.IMPORTANCE)
     try:
         scores = protocol.decode_scores(scores_header) if scores_header else {}
@@ -260,8 +280,9 @@ async def upload_adapters(request: web.Request) -> web.Response:
 
     await state.run_model(keep)
     state.scores[client_id] = scores
+    state.upload_digests[(round_number, client_id)] = digest
     await state.maybe_aggregate()
-    return web.json_response({"round": round_number, "accepted": True, "open_round": state.round}, status=202)
+    return web.json_response({**accepted, "open_round": state.round}, status=202)
 
 
 async def round_update(request: web.Request) -> web.Response:

@@ -40,6 +40,9 @@ class ServerConfig:
     server_speed: float = option(SERVER_SPEED, help="this server's compute per client, relative to the weakest device")
     wire: str = option("fp16", choices=WIRE_FORMATS, help="activation and gradient format on the wire")
     max_request_bytes: int | None = option(None, help="refuse larger bodies (default: sized from the model)")
+    max_update_ratio: float = option(
+        1.0, help="refuse an upload, and leave out of the round a client, whose update of a weight "
+                  "(||scale * B @ A||) is larger than this multiple of the weight's own norm")
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
     tls_key: Path | None = option(None, help="... and this private key (PEM)")
@@ -52,6 +55,8 @@ class ServerConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if not self.max_update_ratio > 0:
+            raise ValueError(f"--max-update-ratio must be > 0, got {self.max_update_ratio}")
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

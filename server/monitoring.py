@@ -132,6 +132,9 @@ class _RunCollector:
         yield CounterMetricFamily("hsplitlora_rounds_completed", "Rounds aggregated", value=now["completed_rounds"])
         yield CounterMetricFamily("hsplitlora_split_steps_trained", "Split steps trained (retries not counted)",
                                   value=state.store.steps_trained())
+        yield CounterMetricFamily("hsplitlora_contributions_dropped", "Clients' round contributions left out of "
+                                  "an aggregation since the server started (not finite, or an update over the "
+                                  "limit of --max-update-ratio)", value=state.trainer.dropped)
         yield gauge("hsplitlora_clients_registered", "Clients registered", len(now["clients"]))
         yield gauge("hsplitlora_round_uploads", "Clients that uploaded their adapters in the open round", now["uploaded"])
         yield gauge("hsplitlora_round_uploads_needed", "Uploads that aggregate a round before its deadline",

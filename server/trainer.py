@@ -17,7 +17,7 @@ import torch
 from hsplitlora.aggregation import LowRank
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.federation.protocol import MERGE, START, Update, factors_to_tensors, tensors_to_factors
-from hsplitlora.federation.round import Contribution, close_round, run_progress
+from hsplitlora.federation.round import Contribution, close_round, contribution_problem, run_progress
 from hsplitlora.federation.strategies import Participant, PlanContext
 from hsplitlora.importance import ImportanceTracker, SensitivityProbe, all_targets, fill_unscored, resource_normalised
 from hsplitlora.lora import LoRAFactors, Target, adapters_from_factors, apply_lora, install_adapters, lora_layer
@@ -26,7 +26,7 @@ from hsplitlora.planner import Budget, MeasuredDevice, Plan, uniform_importance
 from hsplitlora.predict import DeviceRates
 from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
-from hsplitlora.wire import BYTES_PER_ELEMENT
+from hsplitlora.wire import BYTES_PER_ELEMENT, WireError
 from server.config import ServerConfig
 from server.store import GLOBAL_ADAPTER, IMPORTANCE, MERGED_DELTAS, ClientRecord, Store, server_snapshot, start_factors
 
@@ -66,6 +66,12 @@ class ServerClient:
     scores: dict[Target, float] = field(default_factory=dict)
     last_step: tuple[int, int] | None = None  # (round, step) of the last trained step
     last_reply: tuple[torch.Tensor, float] | None = None  # its gradient and loss, for a retry
+    digests: dict[int, str] = field(default_factory=dict)  # this round's trained steps: the digest of each body
+
+
+class StepConflict(RuntimeError):
+    """A split step that must not be trained: the ids of one already trained, with another body
+    or out of order (the server answers 409)."""
 
 
 class ServerTrainer:
@@ -93,6 +99,7 @@ class ServerTrainer:
         self.importance = fill_unscored(self.tracker.smoothed, self.targets) or uniform_importance(self.dims, cfg.planner)
         self.clients: dict[str, ServerClient] = {}
         self.segments: dict[int, Segment] = {}
+        self.dropped = 0  # contributions left out of a round since the start (non-finite or over the limits)
         for record in store.clients():
             if record.plan:
                 self._adopt(record, Plan.from_dict(record.plan))
@@ -152,7 +159,7 @@ class ServerTrainer:
         # A strategy that trains every block on the device leaves the server only the head: no adapters.
         client.optimizer = (make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
                             if client.factors else None)
-        client.scores, client.last_step, client.last_reply = {}, None, None
+        client.scores, client.last_step, client.last_reply, client.digests = {}, None, None, {}
 
     def _segment(self, split: int) -> Segment:
         if split not in self.segments:
@@ -161,13 +168,22 @@ class ServerTrainer:
 
     # ----- the split step ----------------------------------------------------------------------
     def step(self, client_id: str, round_number: int, step: int, h: torch.Tensor, mask: torch.Tensor,
-             labels: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
-        """Train client's server side on one batch: (dL/dh, loss, trained). A retry is answered again."""
+             labels: torch.Tensor, digest: str) -> tuple[torch.Tensor, float, bool]:
+        """Train client's server side on one batch: (dL/dh, loss, trained).
+
+        The step's ids and its body's `digest` make it idempotent: the last step sent again with the
+        same body is answered again, not trained twice; the same ids with another body, or a step
+        this round already trained, raise StepConflict. A batch whose loss or gradients are not
+        finite trains nothing (WireError)."""
         with self.lock:
             client = self.clients[client_id]
-            if client.last_step == (round_number, step):
+            if client.last_step == (round_number, step) and client.digests.get(step) == digest:
                 grad, loss = client.last_reply
                 return grad, loss, False
+            if step in client.digests:
+                again = "with another body" if client.last_step == (round_number, step) else "again"
+                raise StepConflict(f"step {step} of round {round_number} was already trained; it was sent {again} "
+                                   f"(the last trained step is {client.last_step[1]}): a step is trained once")
             install_adapters(self.model, client.factors)
             self.model.train()
             h = h.detach().requires_grad_(True)
@@ -175,17 +191,37 @@ class ServerTrainer:
             # The round's first step scores the server's blocks, when the strategy uses importance.
             scoring = self.strategy.scores_importance and not client.scores
             probe_targets = [t for t in self.targets if t.layer >= client.plan.split] if scoring else []
-            with SensitivityProbe(self.model, probe_targets) as probe:
-                loss = server.loss(h, mask, labels)
-                loss.backward()
-            if probe_targets:
-                client.scores = resource_normalised(self.model, probe.scores)
-            if client.optimizer is not None:
-                client.optimizer.step()
-                client.optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
+            try:
+                with SensitivityProbe(self.model, probe_targets) as probe:
+                    loss = server.loss(h, mask, labels)
+                    loss.backward()
+                params = [p for f in client.factors.values() for p in f.parameters()]
+                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(h.grad).all()) and all(
+                    p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                if not finite:
+                    for p in params:
+                        p.grad = None
+                    raise WireError("this batch's loss or gradients are not finite: nothing was trained")
+                if probe_targets:
+                    client.scores = resource_normalised(self.model, probe.scores)
+                if client.optimizer is not None:
+                    client.optimizer.step()
+                    client.optimizer.zero_grad(set_to_none=True)
+            finally:
+                self.model.eval()
             client.last_step, client.last_reply = (round_number, step), (h.grad.detach(), loss.item())
+            client.digests[step] = digest
             return h.grad.detach(), loss.item(), True
+
+    def update_limits(self) -> dict[Target, float]:
+        """The largest update (||scale * B @ A||_F) accepted for each weight: `max_update_ratio`
+        times the norm of its base weight."""
+        return {t: self.cfg.max_update_ratio * float(w.norm()) for t, w in self.base.items()}
+
+    def upload_problem(self, client_id: str, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why a client's uploaded device adapters must be refused, or None."""
+        adapters = {t: (a, b, self.cfg.alpha / a.shape[0]) for t, (a, b) in tensors_to_factors(tensors).items()}
+        return contribution_problem(Contribution(client_id, 1.0, adapters), self.update_limits())
 
     def server_state(self, client_id: str) -> dict[str, torch.Tensor]:
         """The client's server-side adapters ('<t>.A', '<t>.B'), to persist with its upload."""
@@ -220,7 +256,10 @@ class ServerTrainer:
                 contributions.append(Contribution(client_id, client.examples, adapters,
                                                   {**device_scores.get(client_id, {}), **client.scores}))
             result = close_round(self.strategy, self.model, contributions, self.tracker, self.targets,
-                                 run_progress(round_number, self.cfg.rounds))
+                                 run_progress(round_number, self.cfg.rounds), self.update_limits())
+            for client_id, why in result.dropped.items():
+                log.warning("round %d: %s left out of the aggregation: %s", round_number, client_id, why)
+            self.dropped += len(result.dropped)
             if result.importance is not None:
                 self.importance = result.importance
             self.global_adapter.update(result.global_adapter)
@@ -254,7 +293,7 @@ class ServerTrainer:
         for t in self.targets:
             if old_split <= t.layer < new_split:
                 delta = lora_layer(self.model, t).weight_slice(t.proj).detach() - self.base[t]
-                if delta.abs().max() > 0:
+                if bool(delta.ne(0).any()):
                     out[t] = delta
         return out
 
@@ -263,6 +302,6 @@ class ServerTrainer:
         out = {}
         for t in self.targets:
             delta = lora_layer(self.model, t).weight_slice(t.proj).detach() - self.base[t]
-            if delta.abs().max() > 0:
+            if bool(delta.ne(0).any()):  # a NaN counts as a change (`abs().max() > 0` is False for it)
                 out[str(t)] = delta.clone()
         return out

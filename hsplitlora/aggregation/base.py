@@ -30,6 +30,12 @@ class ClientUpdate:
         """The dense update this adapter stands for: scale * B @ A."""
         return self.scale * (self.B @ self.A)
 
+    def norm(self) -> float:
+        """||scale * B @ A||_F without forming the product: sqrt(trace(B^T B A A^T)) (r x r work);
+        NaN or infinite when a factor is."""
+        a, b = self.A.double(), self.B.double()
+        return abs(self.scale) * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp(min=0).sqrt())
+
 
 @dataclass(frozen=True)
 class LowRank:

@@ -10,6 +10,7 @@ server its lock, persistence and replies, the simulation its traffic count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,17 +41,45 @@ class RoundResult:
     global_adapter: dict[Target, LowRank] = field(default_factory=dict)  # the others: W + this is the model
     starts: dict[str, dict[Target, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # the others
     importance: dict[Target, float] | None = None  # the new importance, if any client scored
+    dropped: dict[str, str] = field(default_factory=dict)  # clients left out of the round, and why
+
+
+def contribution_problem(c: Contribution, limits: dict[Target, float] | None) -> str | None:
+    """Why a contribution must not reach a shared weight, or None: a non-finite adapter or score,
+    or an update (||scale * B @ A||_F) over its weight's limit."""
+    for t, (a, b, scale) in sorted(c.adapters.items()):
+        norm = ClientUpdate(c.client, a, b, scale, 1.0).norm()
+        if not math.isfinite(norm):
+            return f"its adapter of {t} is not finite"
+        if limits is not None and norm > limits[t]:
+            return f"its update of {t} has norm {norm:.3g}, over the limit of {limits[t]:.3g}"
+    if not all(math.isfinite(v) for v in c.scores.values()):
+        return "its importance scores are not finite"
+    return None
 
 
 def close_round(strategy: Strategy, model: PreTrainedModel, contributions: list[Contribution],
-                tracker: ImportanceTracker, targets: list[Target], progress: float) -> RoundResult:
+                tracker: ImportanceTracker, targets: list[Target], progress: float,
+                limits: dict[Target, float] | None = None) -> RoundResult:
     """Aggregate the round into `model` (merging strategies) or a global adapter, and update the
-    importance (`progress` in [0, 1]: how far the run is, which sets the smoothing)."""
-    updates: dict[Target, list[ClientUpdate]] = {}
+    importance (`progress` in [0, 1]: how far the run is, which sets the smoothing).
+
+    A contribution that is not finite, or whose update of a weight is over `limits` (Frobenius
+    norm per target), is dropped whole (`RoundResult.dropped`): one client never fails the round
+    nor reaches the others' weights. A round with no contribution left changes nothing."""
+    result = RoundResult({})
+    kept = []
     for c in contributions:
+        problem = contribution_problem(c, limits)
+        if problem:
+            result.dropped[c.client] = problem
+        else:
+            kept.append(c)
+    for c in kept:
         for t, (a, b, scale) in c.adapters.items():
-            updates.setdefault(t, []).append(ClientUpdate(c.client, a, b, scale, float(c.examples)))
-    result = RoundResult(updates, starts={c.client: {} for c in contributions})
+            result.updates.setdefault(t, []).append(ClientUpdate(c.client, a, b, scale, float(c.examples)))
+    result.starts = {c.client: {} for c in kept}
+    updates = result.updates
     for t, ups in sorted(updates.items()):
         aggregated = strategy.aggregate(ups)
         if strategy.merges:
@@ -60,7 +89,7 @@ def close_round(strategy: Strategy, model: PreTrainedModel, contributions: list[
             result.global_adapter[t] = aggregated.global_update
             for client, ab in aggregated.client_factors.items():
                 result.starts[client][t] = ab
-    mean = mean_scores([c.scores for c in contributions if c.scores])
+    mean = mean_scores([c.scores for c in kept if c.scores])
     if mean:
         result.importance = fill_unscored(tracker.update(mean, progress), targets)
     return result

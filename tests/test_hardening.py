@@ -1,0 +1,157 @@
+"""What one stranger with a token can no longer do to a federation (issue: a server strangers cannot
+break): poison the shared weights through an overflowing int8 step or huge finite adapters, fail
+the round, or have a step trained twice; and what a retry gets."""
+
+import asyncio
+import math
+
+import aiohttp
+import torch
+
+from conftest import running_server, server_config
+from edge_sdk.client import AsyncClient
+from hsplitlora.aggregation import exact_update, ClientUpdate
+from hsplitlora.data import load_e2e_train, shard
+from hsplitlora.federation.protocol import Header, adapters_path, steps_path
+from hsplitlora.federation.round import Contribution, close_round
+from hsplitlora.federation.strategies import strategy
+from hsplitlora.importance import ImportanceTracker, all_targets
+from hsplitlora.lora import Target, lora_layer
+from hsplitlora.models import load_model
+from hsplitlora.wire import encode
+
+
+def _step(d: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"h": torch.randn(1, 8, d, generator=gen), "attention_mask": torch.ones(1, 8, dtype=torch.long),
+            "labels": torch.full((1, 8), 5, dtype=torch.long)}
+
+
+def _int8_overflow(d: int) -> bytes:
+    """An int8 step whose parts are finite but whose product (values x 1e38 scales) is not."""
+    from safetensors.torch import save
+
+    tensors = _step(d)
+    return save({"h": torch.full((1, 8, d), 100, dtype=torch.int8), "h.scale": torch.full((1, 8, 1), 1e38),
+                 "attention_mask": tensors["attention_mask"], "labels": tensors["labels"]}, metadata={"wire": "int8"})
+
+
+def test_poisoned_steps_and_uploads_are_refused_and_honest_clients_train_on(tmp_path, e2e_dir):
+    shards = shard(load_e2e_train(e2e_dir)[:200], 2, iid=False)
+
+    async def main():
+        async with running_server(server_config(tmp_path)) as (url, state):
+            base = {t: lora_layer(state.trainer.model, t).weight_slice(t.proj).clone() for t in state.trainer.targets}
+            attacker, honest = AsyncClient(url, shards[0], memory_budget=12e6), AsyncClient(url, shards[1], memory_budget=40e6)
+            await attacker.register()
+            d = state.trainer.dims.hidden
+            server_side = {t: (f.A.detach().clone(), f.B.detach().clone())
+                           for t, f in state.trainer.clients[attacker.client_id].factors.items()}
+            auth = {"Authorization": f"Bearer {attacker.token}"}
+            out = {}
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url + steps_path(1, 0), data=_int8_overflow(d), headers=auth) as r:
+                    out["int8 overflow"] = (r.status, (await r.json())["error"])
+                # Huge but finite: the activations pass the wire checks; the loss they give does not count.
+                async with s.post(url + steps_path(1, 0), data=encode({**_step(d), "h": torch.full((1, 8, d), 3e38)},
+                                                                      "fp32"), headers=auth) as r:
+                    out["huge activations"] = (r.status, (await r.json()).get("error", ""))
+                # Adapters of 1e3: finite, the right shapes, an update thousands of times its weight.
+                huge = {}
+                for t, rank in attacker.plan.ranks.items():
+                    d_in, d_out = state.trainer.dims.weight_shape(t.proj)
+                    huge[t.key("A")], huge[t.key("B")] = torch.full((rank, d_in), 1e3), torch.full((d_out, rank), 1e3)
+                async with s.put(url + adapters_path(1), data=encode(huge), headers=auth) as r:
+                    out["huge adapters"] = (r.status, (await r.json())["error"])
+            untouched = all(torch.equal(server_side[t][0], f.A) and torch.equal(server_side[t][1], f.B)
+                            for t, f in state.trainer.clients[attacker.client_id].factors.items())
+            await attacker.close()
+            # The honest client and a well-behaved attacker round: both upload, the round closes.
+            attacker2 = AsyncClient(url, shards[0], memory_budget=12e6, token=attacker.token)
+            await asyncio.gather(honest.run(rounds=1), attacker2.run(rounds=1))
+            weights = {t: lora_layer(state.trainer.model, t).weight_slice(t.proj) for t in state.trainer.targets}
+            return out, untouched, base, weights, state.store.completed_rounds(), state.store.losses(1)
+
+    out, untouched, base, weights, completed, losses = asyncio.run(main())
+    assert out["int8 overflow"][0] == 400 and "dequantised" in out["int8 overflow"][1]
+    assert out["huge activations"][0] in (200, 400)  # finite loss or refused: never a 500, never non-finite
+    assert out["huge adapters"][0] == 400 and "over the limit" in out["huge adapters"][1]
+    assert completed == 1 and all(math.isfinite(v) for v in losses.values())
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    change = max(float((weights[t] - base[t]).norm() / base[t].norm()) for t in base)
+    assert 0 < change < 1.0  # the round merged, and only honest-sized updates
+
+
+def test_a_step_is_trained_once_and_retries_get_the_first_answer(tmp_path, e2e_dir):
+    examples = load_e2e_train(e2e_dir)[:20]
+
+    async def main():
+        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
+            client = AsyncClient(url, examples, memory_budget=15e6)
+            await client.register()
+            d = state.trainer.dims.hidden
+            auth = {"Authorization": f"Bearer {client.token}"}
+            seen = {}
+            async with aiohttp.ClientSession() as s:
+                async def post(name, step, body):
+                    async with s.post(url + steps_path(1, step), data=body, headers=auth) as r:
+                        seen[name] = (r.status, r.headers.get(Header.RETRIED), await r.read())
+
+                await post("first", 0, encode(_step(d, 0)))
+                await post("retry", 0, encode(_step(d, 0)))
+                await post("other body", 0, encode(_step(d, 1)))
+                await post("next", 1, encode(_step(d, 2)))
+                await post("older step", 0, encode(_step(d, 0)))
+                trained = state.store.steps_trained()
+                adapters = {}
+                for t, rank in client.plan.ranks.items():
+                    d_in, d_out = state.trainer.dims.weight_shape(t.proj)
+                    adapters[t.key("A")], adapters[t.key("B")] = torch.zeros(rank, d_in), torch.zeros(d_out, rank)
+                body = encode(adapters)
+                uploads = []
+                for b in (body, body, encode({k: v + 1e-3 for k, v in adapters.items()})):
+                    async with s.put(url + adapters_path(1), data=b, headers=auth) as r:
+                        uploads.append((r.status, await r.json()))
+            await client.close()
+            return seen, trained, uploads, state.round
+
+    seen, trained, uploads, open_round = asyncio.run(main())
+    assert seen["first"][:2] == (200, "false")
+    assert seen["retry"][:2] == (200, "true") and seen["retry"][2] == seen["first"][2]
+    assert seen["other body"][0] == 409 and b"another body" in seen["other body"][2]
+    assert seen["next"][:2] == (200, "false")
+    assert seen["older step"][0] == 409 and b"already trained" in seen["older step"][2]
+    assert trained == 2
+    # The upload closed the round (one client per round); its retry gets its 202 again, another body 409.
+    assert open_round == 2
+    assert [u[0] for u in uploads] == [202, 202, 409]
+    assert uploads[0][1]["round"] == uploads[1][1]["round"] == 1
+
+
+def test_one_bad_contribution_is_left_out_and_the_round_still_aggregates_exactly(tiny):
+    model, _ = tiny("tiny-llama")
+    t = Target(0, "q")
+    w = lora_layer(model, t).weight_slice(t.proj).detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    a1, b1 = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen) * 1e-3
+    a2, b2 = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen) * 0.01
+    nan_b = b2.clone()
+    nan_b[0, 0] = float("nan")
+    limits = {target: float(lora_layer(model, target).weight_slice(target.proj).norm()) for target in all_targets(model)}
+    contributions = [
+        Contribution("honest", 10, {t: (a1, b1, 4.0)}),
+        Contribution("nan", 10, {t: (a2, nan_b, 4.0)}),
+        Contribution("huge", 10, {t: (a2 * 1e3, b2 * 1e3, 4.0)}),
+        Contribution("bad scores", 10, {t: (a2, b2, 4.0)}, {t: float("inf")}),
+    ]
+    result = close_round(strategy("hsplitlora"), model, contributions, ImportanceTracker(), all_targets(model), 0.0,
+                         limits)
+    assert set(result.dropped) == {"nan", "huge", "bad scores"}
+    assert "not finite" in result.dropped["nan"] and "over the limit" in result.dropped["huge"]
+    want = exact_update([ClientUpdate("honest", a1, b1, 4.0, 10.0)]).dense()
+    assert torch.allclose(lora_layer(model, t).weight_slice(t.proj) - w, want, atol=1e-6)
+    # Nothing at all left: the round changes nothing and does not fail.
+    before = lora_layer(model, t).weight_slice(t.proj).detach().clone()
+    empty = close_round(strategy("hsplitlora"), model, contributions[1:2], ImportanceTracker(), all_targets(model),
+                        0.0, limits)
+    assert empty.dropped and not empty.merged and torch.equal(lora_layer(model, t).weight_slice(t.proj), before)
