@@ -9,6 +9,7 @@ or shape other than expected, or with a NaN or infinity.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,27 @@ def encode(tensors: dict[str, torch.Tensor], fmt: str = "fp32", metadata: dict[s
     return save(out, metadata={"wire": fmt, **(metadata or {})})
 
 
+def _refuse_duplicate_names(data: bytes) -> None:
+    """safetensors keeps the last of two tensors of one name; a payload carrying two is refused
+    (ValueError) instead. The header is 8 bytes of length, then JSON."""
+    if len(data) < 8:
+        return  # too short to be safetensors: load() says so
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        return
+
+    def unique(pairs):
+        names = [k for k, _ in pairs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"the header names a tensor twice: {sorted({n for n in names if names.count(n) > 1})}")
+        return dict(pairs)
+
+    try:
+        json.loads(data[8:8 + size], object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not JSON: load() refuses it with its own message
+
+
 def decode(data: bytes, specs: dict[str, TensorSpec] | None, max_bytes: int) -> dict[str, torch.Tensor]:
     """Parse and check a payload; floating tensors come back as fp32.
 
@@ -76,6 +98,7 @@ def decode(data: bytes, specs: dict[str, TensorSpec] | None, max_bytes: int) -> 
     if len(data) > max_bytes:
         raise WireError(f"payload is {len(data)} bytes, over the limit of {max_bytes}")
     try:
+        _refuse_duplicate_names(data)
         raw = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise WireError(f"not a valid safetensors payload: {e}") from None

@@ -51,8 +51,8 @@ async def errors_and_auth(request: web.Request, handler):
     """Bearer-token authentication for every non-public route; errors as JSON."""
     state: ServerState = request.app[STATE]
     if request.path not in PUBLIC:
-        header = request.headers.get("Authorization", "")
-        client_id = state.store.authenticate(header[7:]) if header.startswith("Bearer ") else None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        client_id = state.store.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if client_id is None or client_id not in state.trainer.clients:
             return error(401, "missing or invalid bearer token")
         request[CLIENT] = client_id
@@ -169,12 +169,10 @@ def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
 async def register(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     try:
-        body = await request.json()
-        profile, examples = dict(body["profile"]), int(body["examples"])
-        float(profile["memory_bytes"])
-    except (ValueError, KeyError, TypeError):
-        return error(400, 'expected JSON {"profile": {"memory_bytes": N, ...}, "examples": N}')
-    problem = "examples must be >= 1" if examples < 1 else profile_problem(profile, state.cfg)
+        profile, examples = protocol.parse_registration(protocol.parse_json(await request.read()))
+    except ValueError as e:
+        return error(400, str(e))
+    problem = profile_problem(profile, state.cfg)
     if problem:
         return error(400, problem)
     try:
@@ -195,10 +193,20 @@ async def register(request: web.Request) -> web.Response:
 
 
 def _int_query(request: web.Request, name: str) -> int:
+    if name not in request.query:
+        raise web.HTTPBadRequest(reason=f"query parameter {name!r} (an integer) is required")
+    return _bounded(request.query[name], name)
+
+
+def _round_path(request: web.Request) -> int:
+    return _bounded(request.match_info["round"], "the round")
+
+
+def _bounded(text: str, name: str) -> int:
     try:
-        return int(request.query[name])
-    except (KeyError, ValueError):
-        raise web.HTTPBadRequest(reason=f"query parameter {name!r} (an integer) is required") from None
+        return protocol.bounded_int(text, name)
+    except ValueError as e:
+        raise web.HTTPBadRequest(reason=str(e)) from None
 
 
 async def me(request: web.Request) -> web.Response:
@@ -250,7 +258,7 @@ def _train_step(state: ServerState, client_id: str, round_number: int, step_numb
 async def upload_adapters(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     client_id = request[CLIENT]
-    round_number = int(request.match_info["round"])
+    round_number = _round_path(request)
     body = await request.read()
     digest = hashlib.sha256(body + request.headers.get(Header.IMPORTANCE, "").encode()).hexdigest()
     accepted = {"round": round_number, "accepted": True, "open_round": state.round}
@@ -272,6 +280,10 @@ async def upload_adapters(request: web.Request) -> web.Response:
         scores = protocol.decode_scores(scores_header) if scores_header else {}
     except ValueError as e:
         return error(400, str(e))
+    foreign = sorted(str(t) for t in scores if t not in state.trainer.targets or t.layer >= plan.split)
+    if foreign:
+        return error(400, f"{Header.IMPORTANCE} scores weights that are not of this client's device blocks: "
+                          f"{', '.join(foreign[:5])}")
 
     def keep() -> None:
         # The server-side half is written first: an upload row only ever exists with both halves on disk.
@@ -288,7 +300,7 @@ async def upload_adapters(request: web.Request) -> web.Response:
 async def round_update(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     client_id = request[CLIENT]
-    round_number = int(request.match_info["round"])
+    round_number = _round_path(request)
     if round_number >= state.round:
         uploaded = len(state.store.uploaded(state.round))
         return web.json_response({"status": "waiting", "round": state.round, "uploaded": uploaded,
@@ -342,6 +354,12 @@ async def artifact_file(request: web.Request) -> web.StreamResponse:
     path = state.artifacts.file(request.match_info["id"], request.match_info["name"])
     if path is None:
         return error(404, "no such artifact file")
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return error(416, "the Range header is malformed")
+    if wanted.start is not None and wanted.start >= path.stat().st_size:
+        return error(416, f"the Range starts past the file's end ({path.stat().st_size} bytes)")
     return web.FileResponse(path)
 
 

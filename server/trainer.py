@@ -45,7 +45,7 @@ def measured_device(profile: dict, wire: str) -> MeasuredDevice | None:
         return None
     try:
         rates = DeviceRates.from_profile(profile)
-    except (TypeError, AttributeError) as e:  # e.g. a number where a mapping belongs
+    except (TypeError, AttributeError, OverflowError) as e:  # a number where a mapping belongs, int(Infinity)
         raise ValueError(f"malformed device profile: {e}") from None
     return MeasuredDevice(rates, BYTES_PER_ELEMENT[wire])
 

@@ -155,3 +155,71 @@ def test_one_bad_contribution_is_left_out_and_the_round_still_aggregates_exactly
     empty = close_round(strategy("hsplitlora"), model, contributions[1:2], ImportanceTracker(), all_targets(model),
                         0.0, limits)
     assert empty.dropped and not empty.merged and torch.equal(lora_layer(model, t).weight_slice(t.proj), before)
+
+
+def _duplicate_key_step(d: int) -> bytes:
+    """A valid step whose safetensors header names `labels` twice (safetensors keeps the last)."""
+    import json as _json
+
+    body = encode(_step(d), "fp32")
+    size = int.from_bytes(body[:8], "little")
+    header = _json.loads(body[8:8 + size])
+    text = _json.dumps(header)[:-1] + ', "labels": ' + _json.dumps(header["labels"]) + "}"
+    text += " " * ((8 - len(text) % 8) % 8)
+    return len(text).to_bytes(8, "little") + text.encode() + body[8 + size:]
+
+
+def test_input_is_taken_exactly_as_documented_and_every_refusal_is_json(tmp_path, e2e_dir):
+    examples = load_e2e_train(e2e_dir)[:20]
+
+    async def main():
+        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
+            client = AsyncClient(url, examples, memory_budget=15e6)
+            await client.register()
+            d = state.trainer.dims.hidden
+            out = {}
+            async with aiohttp.ClientSession() as s:
+                async def call(name, method, path, **kw):
+                    async with s.request(method, url + path, **kw) as r:
+                        body = await r.read()
+                        out[name] = (r.status, r.content_type, body)
+
+                profile = {"memory_bytes": 15e6}
+                for name, value in {"bool": True, "float": 2.5, "string": "5", "huge": 10**30, "1e30": 1e30}.items():
+                    await call(f"examples {name}", "POST", "/v1/register", json={"profile": profile, "examples": value})
+                await call("profile as pairs", "POST", "/v1/register",
+                           json={"profile": [["memory_bytes", 15e6]], "examples": 4})
+                await call("deep JSON", "POST", "/v1/register", data=b"[" * 100_000 + b"]" * 100_000)
+                measured = {"memory_bytes": 15e6, "flops_fp32": 1e10, "model": "tiny-llama",
+                            "seconds_per_block": 0.01, "baseline_rss_bytes": float("inf")}
+                await call("infinite measurement", "POST", "/v1/register",
+                           data=_json_with_infinity({"profile": measured, "examples": 4}))
+                auth = {"Authorization": f"bearer {client.token}"}  # the scheme is case-insensitive
+                await call("lowercase bearer", "GET", "/v1/me", headers=auth)
+                await call("5000-digit round", "GET", f"/v1/rounds/{'9' * 5000}/update", headers=auth)
+                await call("duplicate tensor name", "POST", steps_path(1, 0), data=_duplicate_key_step(d), headers=auth)
+                zeros = {}
+                for t, rank in client.plan.ranks.items():
+                    d_in, d_out = state.trainer.dims.weight_shape(t.proj)
+                    zeros[t.key("A")], zeros[t.key("B")] = torch.zeros(rank, d_in), torch.zeros(d_out, rank)
+                server_target = next(str(t) for t in state.trainer.targets if t.layer >= client.plan.split)
+                for name, header in {"bool score": '{"0.q": true}', "string score": '{"0.q": "1.5"}',
+                                     "server-side target": f'{{"{server_target}": 1.0}}',
+                                     "unknown target": '{"99.q": 1.0}'}.items():
+                    await call(name, "PUT", adapters_path(1), data=encode(zeros),
+                               headers={**auth, Header.IMPORTANCE: header})
+            await client.close()
+            return out, state.store.completed_rounds(), len(state.store.clients())
+
+    out, completed, clients = asyncio.run(main())
+    assert out.pop("lowercase bearer")[0] == 200
+    for name, (status, content_type, body) in out.items():
+        assert 400 <= status < 500 and content_type == "application/json", (name, status, body[:200])
+        assert status == 400, (name, status, body[:200])
+    assert completed == 0 and clients == 1  # nothing refused registered a client or closed a round
+
+
+def _json_with_infinity(obj) -> bytes:
+    import json as _json
+
+    return _json.dumps(obj).encode()  # Python writes Infinity, as a stranger may send it

@@ -175,6 +175,38 @@ def check_step(tensors: dict[str, torch.Tensor], batch_size: int, max_len: int, 
         raise WireError("labels mark no token to learn")
 
 
+MAX_EXAMPLES = 10**9  # more examples than one device holds: a registration's count is refused above it
+MAX_ROUND = 10**9  # rounds and steps in paths and queries are integers below this
+
+
+def parse_registration(body: object) -> tuple[dict, int]:
+    """(profile, examples) of a registration body, types exactly as documented (ValueError
+    otherwise): an object with a `profile` object and `examples`, an integer (not a bool, a float
+    or a string) in [1, MAX_EXAMPLES]. The profile's budgets and measurements are checked where
+    they are read."""
+    if not isinstance(body, dict) or not isinstance(body.get("profile"), dict) or "memory_bytes" not in body["profile"]:
+        raise ValueError('expected JSON {"profile": {"memory_bytes": N, ...}, "examples": N}')
+    examples = body.get("examples")
+    if isinstance(examples, bool) or not isinstance(examples, int) or not 1 <= examples <= MAX_EXAMPLES:
+        raise ValueError(f"examples must be an integer in [1, {MAX_EXAMPLES}], got {examples!r}")
+    return dict(body["profile"]), examples
+
+
+def parse_json(text: str | bytes) -> object:
+    """JSON from a stranger: ValueError (not RecursionError) for one nested too deep."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
+def bounded_int(text: str, name: str, limit: int = MAX_ROUND) -> int:
+    """A path or query integer in [0, limit) (ValueError otherwise: no 5,000-digit round numbers)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(limit)) or int(text) >= limit:
+        raise ValueError(f"{name} must be an integer in [0, {limit}), got {text[:20]!r}")
+    return int(text)
+
+
 def encode_scores(scores: dict[Target, float]) -> str:
     """Importance scores for the `X-Importance` header."""
     return json.dumps({str(t): v for t, v in scores.items()})
@@ -184,7 +216,10 @@ def decode_scores(text: str) -> dict[Target, float]:
     """The `X-Importance` header; ValueError for anything but {'<layer>.<proj>': finite score >= 0}
     (a score is a mean of |W * dL/dW|; a NaN would reach every client's plan)."""
     try:
-        scores = {Target.parse(k): float(v) for k, v in json.loads(text).items()}
+        raw = parse_json(text)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw.values()):
+            raise ValueError("every score must be a number")
+        scores = {Target.parse(k): float(v) for k, v in raw.items()}
     except (ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"{Header.IMPORTANCE} must be a JSON object of '<layer>.<proj>': score ({e})") from None
     bad = [str(t) for t, v in scores.items() if not (math.isfinite(v) and v >= 0)]
