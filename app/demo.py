@@ -221,6 +221,7 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     # The server does most of the compute (every client's remaining blocks): torch's threads.
     server = await asyncio.create_subprocess_exec(
         *PY, "server", "--model", cfg.model, "--port", str(port), "--state", str(workdir / "state"),
+        "--open-registration",  # its clients are its own processes on 127.0.0.1
         "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps),
         "--batch-size", str(cfg.batch_size), "--max-len", str(cfg.max_len),
         stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"), env=_env(os.cpu_count() or 1))

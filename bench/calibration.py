@@ -220,7 +220,7 @@ def main() -> None:
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "app", "server", "--model", args.model, "--port", str(port),
-             "--state", state, "--batch-size", str(args.batch), "--max-len", str(args.seq)],
+             "--state", state, "--open-registration", "--batch-size", str(args.batch), "--max-len", str(args.seq)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:

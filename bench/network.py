@@ -90,7 +90,7 @@ def start_server(model: str, state: Path, wire: str, budget_clients: int, steps:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "server", "--model", model, "--port", str(port), "--state", str(state),
-         "--local-steps", str(steps), "--batch-size", str(BATCH), "--max-len", str(SEQ), "--wire", wire,
+         "--open-registration", "--local-steps", str(steps), "--batch-size", str(BATCH), "--max-len", str(SEQ), "--wire", wire,
          "--rank-set", str(RANK), "--projections", ",".join(PROJECTIONS), "--clients-per-round", str(budget_clients)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -68,6 +68,7 @@ class ClientConfig:
         None, metavar="SECONDS", help="longest device step (forward, transfers, backward) accepted; needs a profile")
     relative_speed: float | None = option(None, help="this device's compute relative to the weakest (optional)")
     token: str | None = option(None, help="resume as the client holding this token (printed at first registration)")
+    join_code: str | None = option(None, help="the join code the server's operator gave (`hsplitlora enroll`)")
     retries: int = option(6, help="tries of a request beyond the first, on server errors and lost connections")
     backoff_s: float = option(0.5, flag="--backoff", metavar="SECONDS",
                               help="the first retry's wait; it doubles with each further try")
@@ -149,7 +150,7 @@ class AsyncClient:
     # ----- set-up ------------------------------------------------------------------------------
     async def register(self) -> Plan:
         """Join the federation (or resume, with a token) and open the device segment for the plan."""
-        reply = await self.transport.register(self.profile, len(self.examples))
+        reply = await self.transport.register(self.profile, len(self.examples), self.config.join_code)
         self.client_id, self.number, self.round = reply["client_id"], reply["number"], reply["round"]
         self.plan, self.settings = Plan.from_dict(reply["plan"]), Settings.from_dict(reply["settings"])
         self._check_plan(self.plan)

@@ -46,7 +46,7 @@ class Transport(Protocol):
 
     token: str | None
 
-    async def register(self, profile: dict, examples: int) -> dict: ...
+    async def register(self, profile: dict, examples: int, join_code: str | None = None) -> dict: ...
     async def merged_deltas(self) -> dict[Target, torch.Tensor]: ...
     async def artifact(self, fmt: str) -> dict: ...
     async def download(self, url: str, dest: Path, size: int, sha256: str) -> None: ...
@@ -102,12 +102,14 @@ class HttpTransport:
             self.session = None
 
     # ----- the protocol's calls ----------------------------------------------------------------
-    async def register(self, profile: dict, examples: int) -> dict:
-        """Join (`POST /v1/register`), or resume with the token (`GET /v1/me`): the reply's JSON."""
+    async def register(self, profile: dict, examples: int, join_code: str | None = None) -> dict:
+        """Join (`POST /v1/register`, with the operator's join code where the server wants one), or
+        resume with the token (`GET /v1/me`): the reply's JSON."""
         if self.token:
             _, _, body = await self.request("GET", Route.ME)
         else:
-            _, _, body = await self.request("POST", Route.REGISTER, json={"profile": profile, "examples": examples})
+            message = {"profile": profile, "examples": examples, **({"join_code": join_code} if join_code else {})}
+            _, _, body = await self.request("POST", Route.REGISTER, json=message)
         reply = json.loads(body)
         self.token = reply.get("token", self.token)
         return reply

@@ -169,9 +169,16 @@ def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
 async def register(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     try:
-        profile, examples = protocol.parse_registration(protocol.parse_json(await request.read()))
+        body = protocol.parse_json(await request.read())
+        profile, examples = protocol.parse_registration(body)
+        code = protocol.join_code(body)
     except ValueError as e:
         return error(400, str(e))
+    if not state.cfg.open_registration and code is None:
+        return error(403, "this server registers devices with a join code from its operator (`hsplitlora enroll`): "
+                          'send {"join_code": "..."} with the registration')
+    if state.store.client_count() >= state.cfg.max_clients:
+        return error(403, f"this server has its maximum of {state.cfg.max_clients} clients")
     problem = profile_problem(profile, state.cfg)
     if problem:
         return error(400, problem)
@@ -181,6 +188,8 @@ async def register(request: web.Request) -> web.Response:
         return error(422, str(e))
     except ValueError as e:  # a malformed measurement in a measured profile
         return error(400, str(e))
+    if not state.cfg.open_registration and not state.store.redeem(code):
+        return error(403, "the join code is unknown, used up or expired")
     client_id, token = state.store.register(profile, examples)
     record = state.store.client(client_id)
     await state.run_model(state.trainer.add_client, record, plan)

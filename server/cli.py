@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import socket
 import ssl
+from pathlib import Path
 
 from hsplitlora.configs import add_arguments, from_arguments
 from server.config import ServerConfig
@@ -19,6 +22,28 @@ def add_parser(sub) -> None:
     )
     add_arguments(p, ServerConfig)
     p.set_defaults(func=run)
+    e = sub.add_parser(
+        "enroll", help="make a join code with which a device may register with a server",
+        description="Make a join code, good for --uses registrations (until --expires-in seconds from now), "
+                    "in a server's state directory; the server may be running. Print it once: only its hash is "
+                    "kept. A device registers with it (`hsplitlora client --join-code CODE`).")
+    e.add_argument("--state", type=Path, default=ServerConfig.state, help="the server's state directory "
+                   "(default: %(default)s)")
+    e.add_argument("--uses", type=int, default=1, help="registrations the code allows (default: %(default)s)")
+    e.add_argument("--expires-in", type=float, metavar="SECONDS", help="the code expires this many seconds from now "
+                   "(default: never)")
+    e.set_defaults(func=enroll)
+
+
+def enroll(args: argparse.Namespace) -> int:
+    from server.store import Store
+
+    store = Store(args.state)
+    try:
+        print(store.add_join_code(args.uses, args.expires_in))
+    finally:
+        store.close()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     app = make_app(cfg)
     scheme = "https" if context else "http"
+    if cfg.open_registration and not ipaddress.ip_address(socket.gethostbyname(cfg.host)).is_loopback:
+        logging.getLogger(__name__).warning("registration is open to anyone who reaches %s:%d: give devices join "
+                                            "codes instead (`hsplitlora enroll`)", cfg.host, cfg.port)
     logging.getLogger(__name__).info("state in %s; serving %s; status page %s://%s:%d/status, metrics at /metrics",
                                      cfg.state, cfg.model, scheme, cfg.host, cfg.port)
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=context, print=None, access_log=None)

@@ -44,6 +44,10 @@ class ServerConfig:
         1.0, help="refuse an upload, and leave out of the round a client, whose update of a weight "
                   "(||scale * B @ A||) is larger than this multiple of the weight's own norm")
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    open_registration: bool = option(
+        False, help="let any device register without a join code (`hsplitlora enroll` makes codes); for a "
+                    "server only trusted devices reach, such as the demo's on 127.0.0.1")
+    max_clients: int = option(1000, help="refuse registrations beyond this many clients")
     tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
     tls_key: Path | None = option(None, help="... and this private key (PEM)")
 
@@ -57,7 +61,7 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if not self.max_update_ratio > 0:
             raise ValueError(f"--max-update-ratio must be > 0, got {self.max_update_ratio}")
-        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len"):
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len", "max_clients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

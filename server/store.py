@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     at REAL NOT NULL,
     PRIMARY KEY (round, client, step)
 );
+CREATE TABLE IF NOT EXISTS join_codes (
+    code_hash TEXT PRIMARY KEY,
+    uses_left INTEGER NOT NULL,
+    expires REAL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS uploads (
     round INTEGER NOT NULL,
     client TEXT NOT NULL REFERENCES clients(id),
@@ -133,6 +139,29 @@ class Store:
             (client_id, hash_token(token), json.dumps(profile), int(examples), time.time()),
         )
         return client_id, token
+
+    def client_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM clients").fetchone()[0]
+
+    # ----- enrollment --------------------------------------------------------------------------
+    def add_join_code(self, uses: int = 1, expires_in_s: float | None = None) -> str:
+        """A new join code good for `uses` registrations (until `expires_in_s` from now, if given).
+        Only its hash is stored: the code is shown once, here."""
+        if uses < 1:
+            raise ValueError(f"a join code needs at least one use, got {uses}")
+        code = secrets.token_urlsafe(18)
+        expires = time.time() + expires_in_s if expires_in_s is not None else None
+        self.db.execute("INSERT INTO join_codes (code_hash, uses_left, expires, created) VALUES (?, ?, ?, ?)",
+                        (hash_token(code), uses, expires, time.time()))
+        return code
+
+    def redeem(self, code: str) -> bool:
+        """Use a join code once: False for an unknown, used-up or expired one (nothing changes then)."""
+        cur = self.db.execute(
+            "UPDATE join_codes SET uses_left = uses_left - 1 "
+            "WHERE code_hash = ? AND uses_left > 0 AND (expires IS NULL OR expires > ?)",
+            (hash_token(code), time.time()))
+        return cur.rowcount == 1
 
     def authenticate(self, token: str) -> str | None:
         """The id of the client holding this token, or None."""

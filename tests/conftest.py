@@ -78,18 +78,18 @@ async def running_server(cfg: ServerConfig):
 
 
 def server_config(tmp_path, **kw) -> ServerConfig:
-    """A tiny-model server: 2 clients per round, 2 local steps of batch 2."""
+    """A tiny-model server: 2 clients per round, 2 local steps of batch 2, registration open."""
     base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,
-                clients_per_round=2)
+                clients_per_round=2, open_registration=True)
     base.update(kw)
     return ServerConfig(**base)
 
 
 def server_process(state, port: int, *args: str, stderr=subprocess.DEVNULL, context=None) -> subprocess.Popen:
-    """`hsplitlora server --port PORT --state STATE ARGS...` as a process, once it answers /healthz
+    """`hsplitlora server --port PORT --state STATE --open-registration ARGS...` as a process, once it answers /healthz
     (over HTTPS with `context`, an ssl.SSLContext); killed if it never does."""
     proc = subprocess.Popen([sys.executable, "-m", "app", "server", "--port", str(port), "--state", str(state),
-                             *args], stdout=subprocess.DEVNULL, stderr=stderr)
+                             "--open-registration", *args], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         wait_healthy(f"{'https' if context else 'http'}://127.0.0.1:{port}", proc, timeout_s=120, context=context)
     except BaseException:

@@ -9,7 +9,7 @@ import aiohttp
 import torch
 
 from conftest import running_server, server_config
-from edge_sdk.client import AsyncClient
+from edge_sdk.client import AsyncClient, ServerError
 from hsplitlora.aggregation import exact_update, ClientUpdate
 from hsplitlora.data import load_e2e_train, shard
 from hsplitlora.federation.protocol import Header, adapters_path, steps_path
@@ -223,3 +223,46 @@ def _json_with_infinity(obj) -> bytes:
     import json as _json
 
     return _json.dumps(obj).encode()  # Python writes Infinity, as a stranger may send it
+
+
+def test_registration_needs_a_join_code_unless_the_operator_opens_it(tmp_path, e2e_dir):
+    examples = load_e2e_train(e2e_dir)[:8]
+
+    async def main():
+        cfg = server_config(tmp_path, open_registration=False, max_clients=2)
+        async with running_server(cfg) as (url, state):
+            once = state.store.add_join_code(uses=1)
+            twice = state.store.add_join_code(uses=2)
+            expired = state.store.add_join_code(uses=5, expires_in_s=-1.0)
+            outcomes = []
+            for code in (None, "made-up", expired, once, once, twice, twice):
+                client = AsyncClient(url, examples, memory_budget=15e6, join_code=code)
+                try:
+                    await client.register()
+                    outcomes.append("registered")
+                except ServerError as e:
+                    outcomes.append(str(e).split(": ", 1)[1][:3])
+                finally:
+                    await client.close()
+            return outcomes, state.store.client_count()
+
+    outcomes, count = asyncio.run(main())
+    # No code, an unknown or an expired one: 403; `once` works once; `twice` once more, then the cap of 2.
+    assert outcomes == ["403", "403", "403", "registered", "403", "registered", "403"], outcomes
+    assert count == 2
+
+
+def test_enroll_prints_a_code_that_registers_one_device(tmp_path):
+    import subprocess
+    import sys
+
+    from server.store import Store
+
+    out = subprocess.run([sys.executable, "-m", "app", "enroll", "--state", str(tmp_path), "--uses", "1"],
+                         capture_output=True, text=True, check=True)
+    code = out.stdout.strip()
+    store = Store(tmp_path)
+    try:
+        assert code and store.redeem(code) and not store.redeem(code)
+    finally:
+        store.close()

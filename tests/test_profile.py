@@ -27,7 +27,8 @@ BATCH, SEQ = 4, 64
 
 def tiny_server(tmp_path, **kw):
     """A real tiny-llama server at the tests' batch x seq."""
-    return running_server(ServerConfig(model="tiny-llama", state=tmp_path / "state", batch_size=BATCH, max_len=SEQ, **kw))
+    return running_server(ServerConfig(model="tiny-llama", state=tmp_path / "state", batch_size=BATCH, max_len=SEQ,
+                                       open_registration=True, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -300,7 +300,7 @@ def build_vectors() -> dict[str, bytes]:
         "server_command": (f"hsplitlora server --model {MODEL} --method {SERVER['method']} --local-steps "
                            f"{SETTINGS.local_steps} --batch-size {SETTINGS.batch_size} --max-len {SETTINGS.max_len} "
                            f"--wire {SETTINGS.wire} --clients-per-round {SERVER['clients_per_round']} "
-                           f"--seed {SETTINGS.seed}"),
+                           f"--seed {SETTINGS.seed} --open-registration"),
         "registration": {"method": "POST", "path": Route.REGISTER, "json": REGISTRATION, "status": 200,
                          "reply_keys": ["client_id", "number", "token", "round", "plan", "settings"],
                          "reply_settings": SETTINGS.to_dict()},

@@ -192,6 +192,14 @@ def parse_registration(body: object) -> tuple[dict, int]:
     return dict(body["profile"]), examples
 
 
+def join_code(body: dict) -> str | None:
+    """A registration's `join_code` (ValueError for one that is not a short string)."""
+    code = body.get("join_code")
+    if code is not None and not (isinstance(code, str) and 0 < len(code) <= 256):
+        raise ValueError("join_code must be the string the operator gave (`hsplitlora enroll`)")
+    return code
+
+
 def parse_json(text: str | bytes) -> object:
     """JSON from a stranger: ValueError (not RecursionError) for one nested too deep."""
     try:
