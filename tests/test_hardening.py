@@ -17,7 +17,6 @@ from hsplitlora.federation.round import Contribution, close_round
 from hsplitlora.federation.strategies import strategy
 from hsplitlora.importance import ImportanceTracker, all_targets
 from hsplitlora.lora import Target, lora_layer
-from hsplitlora.models import load_model
 from hsplitlora.wire import encode
 
 
