@@ -40,7 +40,7 @@ import torch
 
 from edge_sdk.fit import DeviceBudget, PlanDoesNotFit, plan_problem
 from edge_sdk.runtimes import FORMAT_OF, AdamW, DeviceRuntime, TorchRuntime, choose_runtime, fresh_lora, open_runtime
-from edge_sdk.transport import HttpTransport, ServerError, Transport
+from edge_sdk.transport import HttpTransport, RedoRound, ServerError, Transport
 from hsplitlora.configs import option, parse_bytes
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.data import Example, endless_batches, pad_batch
@@ -232,7 +232,17 @@ class AsyncClient:
         return report
 
     async def _local_steps(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
-        """The round's split steps through the runtime: (losses, importance scores, bytes up, down)."""
+        """The round's split steps through the runtime: (losses, importance scores, bytes up, down);
+        again from step 0 when the server lost the earlier ones (a restart mid-round)."""
+        for attempt in range(self.config.retries + 1):
+            try:
+                return await self._round_of_steps(progress)
+            except RedoRound as e:
+                if attempt == self.config.retries:
+                    raise
+                log.warning("client %s: %s; training round %d again", self.client_id, e, self.round)
+
+    async def _round_of_steps(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
         s, rt = self.settings, self.rt
         rt.set_lora_tensors(fresh_lora(rt.lora_shapes(), seed=(s.seed, self.number, self.round)))
         rt.set_lora_tensors(self.start)

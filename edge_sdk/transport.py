@@ -21,7 +21,7 @@ import aiohttp
 import torch
 
 from hsplitlora.federation import protocol
-from hsplitlora.federation.protocol import MERGE, Header, Route, Update
+from hsplitlora.federation.protocol import MERGE, REDO_ROUND, Header, Route, Update
 from hsplitlora.hashing import sha256_file
 from hsplitlora.lora import Target
 from hsplitlora.planner import Plan
@@ -34,6 +34,10 @@ OCTETS = {"Content-Type": "application/octet-stream"}
 
 class ServerError(RuntimeError):
     """The server refused a request (4xx); the message is the server's."""
+
+
+class RedoRound(ServerError):
+    """The server lost this round's earlier steps (it restarted): train the round again from step 0."""
 
 
 class _Retry(Exception):
@@ -85,10 +89,12 @@ class HttpTransport:
                     if resp.status >= 500:
                         raise _Retry(f"server error {resp.status}")
                     try:
-                        message = json.loads(body)["error"]
+                        reply = json.loads(body)
+                        message = reply["error"]
                     except (ValueError, KeyError, TypeError):
-                        message = body[:200].decode(errors="replace")
-                    raise ServerError(f"{method} {path}: {resp.status} {message}")
+                        reply, message = {}, body[:200].decode(errors="replace")
+                    refusal = RedoRound if resp.status == 409 and reply.get("redo") == REDO_ROUND else ServerError
+                    raise refusal(f"{method} {path}: {resp.status} {message}")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, _Retry) as e:
                 if attempt == self.retries:
                     raise ConnectionError(f"{method} {path} failed after {attempt + 1} tries: {e}") from e

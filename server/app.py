@@ -34,7 +34,7 @@ from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
 from server.monitoring import Monitor, render_status_page, snapshot
 from server.store import Store, server_snapshot, update_file
-from server.trainer import ServerTrainer, StepConflict
+from server.trainer import RedoRound, ServerTrainer, StepConflict
 
 log = logging.getLogger(__name__)
 STATE: web.AppKey[ServerState] = web.AppKey("state", object)  # the real type is set below
@@ -238,6 +238,8 @@ async def step(request: web.Request) -> web.Response:
     body = await request.read()
     try:
         reply, loss, trained = await state.run_model(_train_step, state, client_id, round_number, step_number, body)
+    except RedoRound as e:
+        return web.json_response({"error": str(e), "redo": protocol.REDO_ROUND}, status=409)
     except StepConflict as e:
         return error(409, str(e))
     if trained:
@@ -360,9 +362,11 @@ async def artifact(request: web.Request) -> web.Response:
 async def artifact_file(request: web.Request) -> web.StreamResponse:
     """One file of a built artifact; Range requests resume an interrupted download."""
     state: ServerState = request.app[STATE]
+    cfg, plan = state.cfg, state.trainer.clients[request[CLIENT]].plan
+    own = {ArtifactKey.for_plan(cfg.model, plan, cfg.alpha, cfg.batch_size, cfg.max_len, fmt).id for fmt in FORMATS}
     path = state.artifacts.file(request.match_info["id"], request.match_info["name"])
-    if path is None:
-        return error(404, "no such artifact file")
+    if path is None or request.match_info["id"] not in own:  # a client reads only its own plan's artifact
+        return error(404, "no such artifact file for this client's plan")
     try:
         wanted = request.http_range
     except ValueError:

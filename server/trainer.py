@@ -74,6 +74,11 @@ class StepConflict(RuntimeError):
     or out of order (the server answers 409)."""
 
 
+class RedoRound(StepConflict):
+    """The client's earlier steps of the round are not on this server (it restarted): the client
+    must train the round again from step 0 (409 with `"redo": "round"`)."""
+
+
 class ServerTrainer:
     """Server segments, adapters, aggregation and planning for every client, by the run's strategy."""
 
@@ -180,6 +185,9 @@ class ServerTrainer:
             if client.last_step == (round_number, step) and client.digests.get(step) == digest:
                 grad, loss = client.last_reply
                 return grad, loss, False
+            if step > 0 and not client.digests:
+                raise RedoRound(f"the server has no record of this round's earlier steps (it restarted, or step 0 "
+                                f"was never sent): train round {round_number} again from step 0")
             if step in client.digests:
                 again = "with another body" if client.last_step == (round_number, step) else "again"
                 raise StepConflict(f"step {step} of round {round_number} was already trained; it was sent {again} "

@@ -265,3 +265,37 @@ def test_enroll_prints_a_code_that_registers_one_device(tmp_path):
         assert code and store.redeem(code) and not store.redeem(code)
     finally:
         store.close()
+
+
+def test_a_client_reads_only_the_artifact_of_its_own_plan(tmp_path, e2e_dir):
+    """Artifact ids are derived from plans, so they can be guessed: another plan's files are 404."""
+    import json as _json
+
+    from server.artifacts import ArtifactKey
+
+    async def main():
+        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
+            client = AsyncClient(url, load_e2e_train(e2e_dir)[:8], memory_budget=15e6)
+            await client.register()
+            cfg, plan = state.cfg, state.trainer.clients[client.client_id].plan
+            other = ArtifactKey.for_plan(cfg.model, plan, cfg.alpha + 1, cfg.batch_size, cfg.max_len, "onnx").id
+            mine = ArtifactKey.for_plan(cfg.model, plan, cfg.alpha, cfg.batch_size, cfg.max_len, "onnx").id
+            for artifact_id in (other, mine):  # two built artifacts on disk (their contents do not matter here)
+                directory = state.artifacts.directory(artifact_id)
+                directory.mkdir(parents=True)
+                (directory / "device_segment.onnx").write_bytes(b"weights")
+                (directory / "manifest.json").write_text(_json.dumps(
+                    {"artifacts": {"onnx": {"sha256": {"device_segment.onnx": "x"}}}}))
+            auth = {"Authorization": f"Bearer {client.token}"}
+            async with aiohttp.ClientSession() as s:
+                codes = []
+                for artifact_id in (other, mine):
+                    async with s.get(f"{url}/v1/artifacts/{artifact_id}/device_segment.onnx", headers=auth) as r:
+                        codes.append(r.status)
+                async with s.get(f"{url}/v1/artifacts/{mine}/device_segment.onnx",
+                                 headers={**auth, "Range": "bytes=100-"}) as r:
+                    codes.append((r.status, r.content_type))
+            await client.close()
+            return codes
+
+    assert asyncio.run(main()) == [404, 200, (416, "application/json")]

@@ -68,3 +68,50 @@ def test_a_killed_server_resumes_at_the_last_round_and_keeps_accepted_uploads(tm
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_client_mid_round_when_the_server_restarts_trains_the_round_again(tmp_path, e2e_dir):
+    """The server keeps a round's server-side training in memory until the upload: after a kill
+    mid-round it answers the client's next step 409 `redo: round`, and the SDK trains the round
+    again from step 0 instead of failing or training on a half-lost state."""
+    from edge_sdk.transport import HttpTransport
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    state = tmp_path / "state"
+
+    def start():
+        return server_process(state, port, "--model", "tiny-llama", "--clients-per-round", "1", "--local-steps", "3",
+                              "--batch-size", "2", "--max-len", "400")
+
+    servers = [start()]
+
+    sent = []
+
+    class KillAfterFirstStep(HttpTransport):
+        killed = False
+
+        async def step(self, round_number, step, tensors, wire):
+            sent.append(step)
+            reply = await super().step(round_number, step, tensors, wire)
+            if not self.killed:
+                self.killed = True
+                os.kill(servers[-1].pid, signal.SIGKILL)
+                servers[-1].wait()
+                servers.append(start())
+            return reply
+
+    try:
+        async def main():
+            client = AsyncClient(KillAfterFirstStep(url, backoff_s=0.1), load_e2e_train(e2e_dir)[:20], 40e6)
+            return await client.run(1)
+
+        reports = asyncio.run(main())
+        status = _status(url)
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+    assert len(servers) == 2 and status["completed_rounds"] == 1
+    assert reports[0].round == 1 and len(reports[0].losses) == 3
+    assert sent == [0, 1, 0, 1, 2]  # step 1 after the restart was refused (redo), then the round from step 0

@@ -175,6 +175,7 @@ def check_step(tensors: dict[str, torch.Tensor], batch_size: int, max_len: int, 
         raise WireError("labels mark no token to learn")
 
 
+REDO_ROUND = "round"  # a 409's `redo`: the server lost the round's earlier steps; train it again from step 0
 MAX_EXAMPLES = 10**9  # more examples than one device holds: a registration's count is refused above it
 MAX_ROUND = 10**9  # rounds and steps in paths and queries are integers below this
 
