@@ -77,6 +77,21 @@ async def running_server(cfg: ServerConfig):
         yield url, app[STATE]
 
 
+@asynccontextmanager
+async def one_client(tmp_path, examples, **kw):
+    """A real tiny-model server closing a round per upload, and one SDK client registered with it:
+    yields (url, server state, client, the client's Authorization header)."""
+    from edge_sdk.client import AsyncClient
+
+    async with running_server(server_config(tmp_path, **{"clients_per_round": 1, **kw})) as (url, state):
+        client = AsyncClient(url, examples, memory_budget=15e6)
+        await client.register()
+        try:
+            yield url, state, client, {"Authorization": f"Bearer {client.token}"}
+        finally:
+            await client.close()
+
+
 def server_config(tmp_path, **kw) -> ServerConfig:
     """A tiny-model server: 2 clients per round, 2 local steps of batch 2, registration open."""
     base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,

@@ -8,7 +8,7 @@ import math
 import aiohttp
 import torch
 
-from conftest import running_server, server_config
+from conftest import one_client, running_server, server_config
 from edge_sdk.client import AsyncClient, ServerError
 from hsplitlora.aggregation import exact_update, ClientUpdate
 from hsplitlora.data import load_e2e_train, shard
@@ -82,14 +82,9 @@ def test_poisoned_steps_and_uploads_are_refused_and_honest_clients_train_on(tmp_
 
 
 def test_a_step_is_trained_once_and_retries_get_the_first_answer(tmp_path, e2e_dir):
-    examples = load_e2e_train(e2e_dir)[:20]
-
     async def main():
-        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
-            client = AsyncClient(url, examples, memory_budget=15e6)
-            await client.register()
+        async with one_client(tmp_path, load_e2e_train(e2e_dir)[:20]) as (url, state, client, auth):
             d = state.trainer.dims.hidden
-            auth = {"Authorization": f"Bearer {client.token}"}
             seen = {}
             async with aiohttp.ClientSession() as s:
                 async def post(name, step, body):
@@ -111,7 +106,6 @@ def test_a_step_is_trained_once_and_retries_get_the_first_answer(tmp_path, e2e_d
                 for b in (body, body, encode({k: v + 1e-3 for k, v in adapters.items()})):
                     async with s.put(url + adapters_path(1), data=b, headers=auth) as r:
                         uploads.append((r.status, await r.json()))
-            await client.close()
             return seen, trained, uploads, state.round
 
     seen, trained, uploads, open_round = asyncio.run(main())
@@ -169,12 +163,8 @@ def _duplicate_key_step(d: int) -> bytes:
 
 
 def test_input_is_taken_exactly_as_documented_and_every_refusal_is_json(tmp_path, e2e_dir):
-    examples = load_e2e_train(e2e_dir)[:20]
-
     async def main():
-        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
-            client = AsyncClient(url, examples, memory_budget=15e6)
-            await client.register()
+        async with one_client(tmp_path, load_e2e_train(e2e_dir)[:20]) as (url, state, client, _):
             d = state.trainer.dims.hidden
             out = {}
             async with aiohttp.ClientSession() as s:
@@ -207,7 +197,6 @@ def test_input_is_taken_exactly_as_documented_and_every_refusal_is_json(tmp_path
                                      "unknown target": '{"99.q": 1.0}'}.items():
                     await call(name, "PUT", adapters_path(1), data=encode(zeros),
                                headers={**auth, Header.IMPORTANCE: header})
-            await client.close()
             return out, state.store.completed_rounds(), len(state.store.clients())
 
     out, completed, clients = asyncio.run(main())
@@ -274,9 +263,7 @@ def test_a_client_reads_only_the_artifact_of_its_own_plan(tmp_path, e2e_dir):
     from server.artifacts import ArtifactKey
 
     async def main():
-        async with running_server(server_config(tmp_path, clients_per_round=1)) as (url, state):
-            client = AsyncClient(url, load_e2e_train(e2e_dir)[:8], memory_budget=15e6)
-            await client.register()
+        async with one_client(tmp_path, load_e2e_train(e2e_dir)[:8]) as (url, state, client, auth):
             cfg, plan = state.cfg, state.trainer.clients[client.client_id].plan
             other = ArtifactKey.for_plan(cfg.model, plan, cfg.alpha + 1, cfg.batch_size, cfg.max_len, "onnx").id
             mine = ArtifactKey.for_plan(cfg.model, plan, cfg.alpha, cfg.batch_size, cfg.max_len, "onnx").id
@@ -286,7 +273,6 @@ def test_a_client_reads_only_the_artifact_of_its_own_plan(tmp_path, e2e_dir):
                 (directory / "device_segment.onnx").write_bytes(b"weights")
                 (directory / "manifest.json").write_text(_json.dumps(
                     {"artifacts": {"onnx": {"sha256": {"device_segment.onnx": "x"}}}}))
-            auth = {"Authorization": f"Bearer {client.token}"}
             async with aiohttp.ClientSession() as s:
                 codes = []
                 for artifact_id in (other, mine):
@@ -295,7 +281,6 @@ def test_a_client_reads_only_the_artifact_of_its_own_plan(tmp_path, e2e_dir):
                 async with s.get(f"{url}/v1/artifacts/{mine}/device_segment.onnx",
                                  headers={**auth, "Range": "bytes=100-"}) as r:
                     codes.append((r.status, r.content_type))
-            await client.close()
             return codes
 
     assert asyncio.run(main()) == [404, 200, (416, "application/json")]

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 import torch
 
-from conftest import running_server, server_config as _cfg
+from conftest import one_client, running_server, server_config as _cfg
 from edge_sdk.client import AsyncClient, ServerError
 from hsplitlora.data import load_e2e_train, shard
 from hsplitlora.lora import lora_layer
@@ -40,12 +40,8 @@ def test_two_clients_train_rounds_and_end_with_the_servers_merged_weights(tmp_pa
 
 
 def test_bad_requests_are_refused_with_4xx_and_change_nothing(tmp_path, e2e_dir):
-    examples = load_e2e_train(e2e_dir)[:20]
-
     async def main():
-        async with running_server(_cfg(tmp_path, clients_per_round=1)) as (url, state):
-            client = AsyncClient(url, examples, memory_budget=15e6)
-            await client.register()
+        async with one_client(tmp_path, load_e2e_train(e2e_dir)[:20]) as (url, state, client, auth):
             server_client = state.trainer.clients[client.client_id]
             before = {t: f.A.detach().clone() for t, f in server_client.factors.items()}
             d = state.trainer.dims.hidden
@@ -62,7 +58,6 @@ def test_bad_requests_are_refused_with_4xx_and_change_nothing(tmp_path, e2e_dir)
             }
             results = {}
             async with aiohttp.ClientSession() as s:
-                auth = {"Authorization": f"Bearer {client.token}"}
                 for name, (body, want, text) in cases.items():
                     async with s.post(f"{url}/v1/steps?round=1&step=0", data=body, headers=auth) as r:
                         results[name] = (r.status, (await r.json())["error"], want, text)
@@ -80,7 +75,6 @@ def test_bad_requests_are_refused_with_4xx_and_change_nothing(tmp_path, e2e_dir)
                 retried = (first.headers["X-Retried"], second.headers["X-Retried"], await first.read() == await second.read())
                 changed_by_retry = any(not torch.equal(after_first[t], f.A) for t, f in server_client.factors.items())
             untouched = all(torch.equal(before[t], after_first[t]) for t in before)  # only Adam on B moved
-            await client.close()
             return results, retried, changed_by_retry, untouched, state.store.losses(1)
 
     results, retried, changed_by_retry, untouched, losses = asyncio.run(main())
