@@ -1,7 +1,7 @@
 """The device side of a federation: what an app embeds to fine-tune with a server.
 
     from edge_sdk import Client
-    client = Client("http://127.0.0.1:8080", examples, memory_budget=2e9)
+    client = Client("http://127.0.0.1:8080", examples, memory_budget=2e9, join_code="...")
     client.run(rounds=3)                      # blocking facade; AsyncClient underneath
     client.save("my-device-state")
 
