@@ -65,7 +65,14 @@ async def errors_and_auth(request: web.Request, handler):
     except web.HTTPException as e:
         if e.content_type == "application/json":
             raise
-        return error(e.status, e.reason)
+        response = error(e.status, e.reason)
+        if e.status == 408:
+            # A sender too slow for its body: answered, then its connection closed at once (aiohttp
+            # would otherwise linger, reading the rest of the body, for up to 10 s).
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
 
 
 class ServerState:
@@ -146,7 +153,7 @@ async def probe_download(request: web.Request) -> web.Response:
 
 async def probe_upload(request: web.Request) -> web.Response:
     """Read and discard the body (at most the request limit); answer its size."""
-    return web.json_response({"bytes": len(await request.read())})
+    return web.json_response({"bytes": len(await _body(request))})
 
 
 def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
@@ -169,7 +176,7 @@ def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
 async def register(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     try:
-        body = protocol.parse_json(await request.read())
+        body = protocol.parse_json(await _body(request))
         profile, examples = protocol.parse_registration(body)
         code = protocol.join_code(body)
     except ValueError as e:
@@ -199,6 +206,16 @@ async def register(request: web.Request) -> web.Response:
         "client_id": client_id, "number": record.number, "token": token, "round": state.round,
         "plan": plan.to_dict(), "settings": state.cfg.client_settings().to_dict(),
     })
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request body, read within --read-timeout seconds: a sender slower than that is answered 408
+    and its connection closed, so slow senders cannot hold the server's connections."""
+    timeout = request.app[STATE].cfg.read_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(reason=f"the body did not arrive within {timeout:g} s") from None
 
 
 def _int_query(request: web.Request, name: str) -> int:
@@ -235,7 +252,7 @@ async def step(request: web.Request) -> web.Response:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     if not 0 <= step_number < state.cfg.local_steps:
         return error(400, f"step must be in [0, {state.cfg.local_steps})")
-    body = await request.read()
+    body = await _body(request)
     try:
         reply, loss, trained = await state.run_model(_train_step, state, client_id, round_number, step_number, body)
     except RedoRound as e:
@@ -270,7 +287,7 @@ async def upload_adapters(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     client_id = request[CLIENT]
     round_number = _round_path(request)
-    body = await request.read()
+    body = await _body(request)
     digest = hashlib.sha256(body + request.headers.get(Header.IMPORTANCE, "").encode()).hexdigest()
     accepted = {"round": round_number, "accepted": True, "open_round": state.round}
     earlier = state.upload_digests.get((round_number, client_id))

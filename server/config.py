@@ -48,6 +48,8 @@ class ServerConfig:
         False, help="let any device register without a join code (`hsplitlora enroll` makes codes); for a "
                     "server only trusted devices reach, such as the demo's on 127.0.0.1")
     max_clients: int = option(1000, help="refuse registrations beyond this many clients")
+    read_timeout_s: float = option(60.0, flag="--read-timeout", metavar="SECONDS",
+                                   help="a request body must arrive within this many seconds (408 otherwise)")
     tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
     tls_key: Path | None = option(None, help="... and this private key (PEM)")
 
@@ -59,6 +61,8 @@ class ServerConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"--read-timeout must be > 0, got {self.read_timeout_s}")
         if not self.max_update_ratio > 0:
             raise ValueError(f"--max-update-ratio must be > 0, got {self.max_update_ratio}")
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len", "max_clients"):

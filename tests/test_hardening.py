@@ -284,3 +284,35 @@ def test_a_client_reads_only_the_artifact_of_its_own_plan(tmp_path, e2e_dir):
             return codes
 
     assert asyncio.run(main()) == [404, 200, (416, "application/json")]
+
+
+def test_a_sender_too_slow_for_its_body_is_answered_408_and_let_go(tmp_path, e2e_dir):
+    import time
+
+    async def main():
+        async with one_client(tmp_path, load_e2e_train(e2e_dir)[:8], read_timeout_s=1.0) as (url, state, client, auth):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            # Promise a 1000-byte body and send one byte a second.
+            writer.write((f"POST {steps_path(1, 0)} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth['Authorization']}"
+                          f"\r\nContent-Length: 1000\r\n\r\n").encode())
+            await writer.drain()
+            start = time.monotonic()
+
+            async def trickle():
+                for _ in range(10):
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(1.0)
+
+            sender = asyncio.create_task(trickle())
+            status_line = await asyncio.wait_for(reader.readline(), 8)
+            rest = await asyncio.wait_for(reader.read(), 8)  # the server closes the connection
+            seconds = time.monotonic() - start
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            writer.close()
+            return status_line, rest, seconds, state.store.steps_trained()
+
+    status_line, rest, seconds, trained = asyncio.run(main())
+    assert b" 408 " in status_line and b'"error"' in rest and seconds < 5 and trained == 0
