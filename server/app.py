@@ -119,6 +119,8 @@ class ServerState:
                     await self.run_model(self.store.save_tensors, update_file(number, client_id),
                                          update.to_tensors() or {"empty": torch.zeros(0)})
                 self.store.complete_round(number)
+                # The files of rounds past the retention go: disk stays bounded over a long run.
+                await self.run_model(self.store.prune_rounds, number + 1 - self.cfg.keep_rounds)
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
             # An upload is retried right after it is answered: the closed round's digests suffice.
             self.upload_digests = {k: v for k, v in self.upload_digests.items() if k[0] >= number}
@@ -335,7 +337,8 @@ async def round_update(request: web.Request) -> web.Response:
                                   "needed": state.cfg.clients_per_round}, status=202)
     tensors = await state.run_model(state.store.load_tensors, update_file(round_number, client_id))
     if tensors is None:
-        return error(404, f"no update for this client in round {round_number}")
+        return error(404, f"no update for this client in round {round_number} (it did not take part, or the "
+                          f"round's files were deleted: the server keeps --keep-rounds {state.cfg.keep_rounds})")
     tensors.pop("empty", None)
     plan = state.trainer.clients[client_id].plan
     body = await state.run_model(encode, tensors, "fp32")

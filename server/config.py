@@ -48,6 +48,8 @@ class ServerConfig:
         False, help="let any device register without a join code (`hsplitlora enroll` makes codes); for a "
                     "server only trusted devices reach, such as the demo's on 127.0.0.1")
     max_clients: int = option(1000, help="refuse registrations beyond this many clients")
+    keep_rounds: int = option(3, help="rounds whose tensor files (uploads, replies) are kept; older ones are "
+                                       "deleted (a client asking for a deleted round's update gets 404)")
     read_timeout_s: float = option(60.0, flag="--read-timeout", metavar="SECONDS",
                                    help="a request body must arrive within this many seconds (408 otherwise)")
     tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
@@ -65,7 +67,8 @@ class ServerConfig:
             raise ValueError(f"--read-timeout must be > 0, got {self.read_timeout_s}")
         if not self.max_update_ratio > 0:
             raise ValueError(f"--max-update-ratio must be > 0, got {self.max_update_ratio}")
-        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len", "max_clients"):
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len", "max_clients",
+                     "keep_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

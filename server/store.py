@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 import uuid
@@ -199,6 +200,16 @@ class Store:
             self.db.execute("BEGIN")
             self.db.execute("UPDATE rounds SET status = 'complete', completed = ? WHERE number = ?", (time.time(), number))
             self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (number + 1, time.time()))
+
+    def prune_rounds(self, before: int) -> list[int]:
+        """Delete the tensor files of rounds numbered below `before` (uploads, server-side snapshots,
+        update replies); their rows stay for the history. Returns the rounds pruned."""
+        pruned = []
+        for directory in sorted((self.root / "rounds").glob("*")):
+            if directory.name.isdigit() and int(directory.name) < before:
+                shutil.rmtree(directory)
+                pruned.append(int(directory.name))
+        return pruned
 
     def completed_rounds(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM rounds WHERE status = 'complete'").fetchone()[0]

@@ -316,3 +316,23 @@ def test_a_sender_too_slow_for_its_body_is_answered_408_and_let_go(tmp_path, e2e
 
     status_line, rest, seconds, trained = asyncio.run(main())
     assert b" 408 " in status_line and b'"error"' in rest and seconds < 5 and trained == 0
+
+
+def test_old_rounds_files_are_pruned_past_the_retention(tmp_path, e2e_dir):
+    async def main():
+        cfg = server_config(tmp_path, clients_per_round=1, keep_rounds=2)
+        async with running_server(cfg) as (url, state):
+            client = AsyncClient(url, load_e2e_train(e2e_dir)[:20], memory_budget=15e6)
+            await client.run(rounds=4)
+            kept = sorted(int(d.name) for d in (cfg.state / "rounds").iterdir())
+            async with aiohttp.ClientSession() as s:
+                auth = {"Authorization": f"Bearer {client.token}"}
+                async with s.get(url + "/v1/rounds/1/update", headers=auth) as r:
+                    old = (r.status, (await r.json())["error"])
+                async with s.get(url + "/v1/rounds/4/update", headers=auth) as r:
+                    recent = r.status
+            return kept, old, recent, state.store.completed_rounds()
+
+    kept, old, recent, completed = asyncio.run(main())
+    assert completed == 4 and kept == [3, 4]  # rounds 1 and 2 are gone; 5 is open and empty
+    assert old[0] == 404 and "--keep-rounds" in old[1] and recent == 200
