@@ -227,9 +227,22 @@ class AsyncClient:
         if new_plan != self.plan:
             self._check_plan(new_plan)
         report = RoundReport(self.round, losses, time.perf_counter() - start, up, down + received, self.plan.split)
+        missed = open_round > self.round + 1  # rounds closed after ours, before we asked for our update
         old_plan, self.plan, self.round = self.plan, new_plan, open_round
         await self._apply(update, old_plan)
+        if missed and update.kind != START:
+            log.warning("client %s missed round(s) %d-%d: taking the server's merged weights", self.client_id,
+                        report.round + 1, open_round - 1)
+            await self._resync()
         return report
+
+    async def _resync(self) -> None:
+        """The device's blocks set to the server's merged weights now (after rounds it missed)."""
+        deltas = await self.transport.merged_deltas()
+        if self.runtime_name == "torch":  # weights the server has not changed go back to their base
+            deltas = {**{t: torch.zeros_like(b) for t, b in self.base.items() if t.layer < self.plan.split}, **deltas}
+        self.applied = {}
+        await self._open_runtime(deltas)
 
     async def _local_steps(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
         """The round's split steps through the runtime: (losses, importance scores, bytes up, down);
@@ -274,6 +287,9 @@ class AsyncClient:
             self.start = factors_to_tensors(update.factors)
             return
         changes = {t: d for t, d in update.dense().items() if t.layer < old_plan.split}
+        if self.model is not None:  # eager torch: a weight's base is what it held before its first change
+            for t in changes:
+                self.base.setdefault(t, lora_layer(self.model, t).weight_slice(t.proj).detach().clone())
         self.rt.apply_merged_update({str(t): d for t, d in changes.items()})
         for t, d in changes.items():
             self.applied[t] = self.applied.get(t, 0) + d

@@ -159,3 +159,35 @@ def test_non_merging_methods_keep_weights_frozen_and_continue_from_the_aggregate
             expected = AGGREGATORS[strategy(method).aggregator](updates[next(u for u in updates if str(u) == t)]).client_factors[c.client_id]
             assert torch.allclose(value, expected[0 if key.endswith(".A") else 1], atol=1e-6), (method, c.client_id, key)
     assert store.load_tensors(GLOBAL_ADAPTER)
+
+
+def test_a_client_that_misses_a_round_takes_the_servers_merged_weights(tmp_path, e2e_dir):
+    """A's upload closes round 1; round 2 (B alone) closes before A asks for its update: A then
+    goes on from round 3 with the server's weights, round 2's merge included."""
+    from edge_sdk.transport import HttpTransport
+
+    shards = shard(load_e2e_train(e2e_dir)[:200], 2, iid=False)
+    b_done = asyncio.Event()
+
+    class LateForTheUpdate(HttpTransport):
+        async def wait_update(self, round_number):
+            await b_done.wait()
+            return await super().wait_update(round_number)
+
+    async def main():
+        async with running_server(_cfg(tmp_path, clients_per_round=1)) as (url, state):
+            a = AsyncClient(LateForTheUpdate(url), shards[0], memory_budget=40e6)
+            task = asyncio.create_task(a.train_round())
+            while state.round < 2:
+                await asyncio.sleep(0.05)
+            b = AsyncClient(url, shards[1], memory_budget=40e6)
+            await b.run(rounds=1)  # round 2 closes without A
+            b_done.set()
+            await task
+            await a.close()
+            return a, state.trainer.deltas(), state.round
+
+    a, merged, open_round = asyncio.run(main())
+    assert a.round == open_round == 3
+    mine = a.device_deltas()
+    assert mine and all(torch.allclose(d, merged.get(str(t), torch.zeros_like(d)), atol=1e-6) for t, d in mine.items())
