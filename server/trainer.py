@@ -92,6 +92,8 @@ class ServerTrainer:
         self.lock = threading.Lock()
         self.targets = all_targets(self.model)
         self.base = {t: lora_layer(self.model, t).weight_slice(t.proj).detach().clone() for t in self.targets}
+        # The largest update (||scale * B @ A||_F) accepted for each weight: max_update_ratio x its base norm.
+        self.limits = {t: cfg.max_update_ratio * float(w.norm()) for t, w in self.base.items()}
         deltas = store.load_tensors(MERGED_DELTAS) or {}
         for t in self.targets:
             if str(t) in deltas:
@@ -123,16 +125,12 @@ class ServerTrainer:
         return PlanContext(self.dims, self.shape, self.cfg.planner, self.importance,
                            budgets + ([newcomer] if newcomer else []), self.cfg.server_speed)
 
-    def _participant(self, client: ServerClient) -> Participant:
-        index = sorted(c.number for c in self.clients.values()).index(client.number)
-        return Participant(index, client.budget, client.speed, client.device, client.plan)
-
     def _adopt(self, record: ClientRecord, plan: Plan) -> ServerClient:
         profile = record.profile
         client = ServerClient(record.id, record.number, record.examples, budget_of(profile),
                               profile.get("relative_speed"), plan, measured_device(profile, self.cfg.wire))
         self.clients[record.id] = client
-        self._fresh_adapters(client, self.store.current_round())
+        self._fresh_adapters(client, self.store.current_round(), self._context())
         return client
 
     def plan_for(self, profile: dict) -> Plan:
@@ -149,16 +147,16 @@ class ServerTrainer:
         with self.lock:
             self._adopt(record, plan)
 
-    def _fresh_adapters(self, client: ServerClient, round_number: int) -> None:
-        """The client's server-side adapters for a round: fresh, or (non-merging strategies) where
-        the last aggregation left them."""
+    def _fresh_adapters(self, client: ServerClient, round_number: int, ctx: PlanContext) -> None:
+        """The client's server-side adapters for a round: fresh (ranks by the strategy in `ctx`), or
+        (non-merging strategies) where the last aggregation left them."""
         install_adapters(self.model, {})
         saved = None if self.strategy.merges else self.store.load_tensors(start_factors(client.id))
         if saved is not None:
             start = {t: ab for t, ab in tensors_to_factors(saved).items() if t.layer >= client.plan.split}
             client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
         else:
-            ranks = self.strategy.server_ranks(self._context(), client.plan.split)
+            ranks = self.strategy.server_ranks(ctx, client.plan.split)
             client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
                                         seed=(self.cfg.seed, client.number, round_number))
         # A strategy that trains every block on the device leaves the server only the head: no adapters.
@@ -221,15 +219,10 @@ class ServerTrainer:
             client.digests[step] = digest
             return h.grad.detach(), loss.item(), True
 
-    def update_limits(self) -> dict[Target, float]:
-        """The largest update (||scale * B @ A||_F) accepted for each weight: `max_update_ratio`
-        times the norm of its base weight."""
-        return {t: self.cfg.max_update_ratio * float(w.norm()) for t, w in self.base.items()}
-
     def upload_problem(self, client_id: str, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why a client's uploaded device adapters must be refused, or None."""
         adapters = {t: (a, b, self.cfg.alpha / a.shape[0]) for t, (a, b) in tensors_to_factors(tensors).items()}
-        return contribution_problem(Contribution(client_id, 1.0, adapters), self.update_limits())
+        return contribution_problem(Contribution(client_id, 1.0, adapters), self.limits)
 
     def server_state(self, client_id: str) -> dict[str, torch.Tensor]:
         """The client's server-side adapters ('<t>.A', '<t>.B'), to persist with its upload."""
@@ -264,7 +257,7 @@ class ServerTrainer:
                 contributions.append(Contribution(client_id, client.examples, adapters,
                                                   {**device_scores.get(client_id, {}), **client.scores}))
             result = close_round(self.strategy, self.model, contributions, self.tracker, self.targets,
-                                 run_progress(round_number, self.cfg.rounds), self.update_limits())
+                                 run_progress(round_number, self.cfg.rounds), self.limits)
             for client_id, why in result.dropped.items():
                 log.warning("round %d: %s left out of the aggregation: %s", round_number, client_id, why)
             self.dropped += len(result.dropped)
@@ -274,18 +267,19 @@ class ServerTrainer:
             for client_id, starts in result.starts.items():
                 if starts:
                     self.store.save_tensors(start_factors(client_id), factors_to_tensors(starts))
-            ctx = self._context()
+            ctx = self._context()  # one context for every client: budgets by registration order
             replies = {}
-            for client in self.clients.values():
+            for index, client in enumerate(sorted(self.clients.values(), key=lambda c: c.number)):
                 old_split = client.plan.split
-                client.plan = self.strategy.next_plan(ctx, self._participant(client))
+                who = Participant(index, client.budget, client.speed, client.device, client.plan)
+                client.plan = self.strategy.next_plan(ctx, who)
                 if self.strategy.merges:
                     factors = {t: (u.A, u.B) for t, u in result.merged.items() if t.layer < old_split}
                     replies[client.id] = Update(MERGE, factors, self._new_blocks(old_split, client.plan.split))
                 else:
                     saved = tensors_to_factors(self.store.load_tensors(start_factors(client.id)) or {})
                     replies[client.id] = Update(START, {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
-                self._fresh_adapters(client, round_number + 1)
+                self._fresh_adapters(client, round_number + 1, ctx)
             if self.strategy.merges:
                 self.store.save_tensors(MERGED_DELTAS, self.deltas())
             else:
