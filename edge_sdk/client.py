@@ -229,11 +229,14 @@ class AsyncClient:
         report = RoundReport(self.round, losses, time.perf_counter() - start, up, down + received, self.plan.split)
         missed = open_round > self.round + 1  # rounds closed after ours, before we asked for our update
         old_plan, self.plan, self.round = self.plan, new_plan, open_round
-        await self._apply(update, old_plan)
         if missed and update.kind != START:
+            # The server's merged weights now hold this update and the missed ones: take them instead
+            # (a new plan's runtime is opened once, by the resync).
             log.warning("client %s missed round(s) %d-%d: taking the server's merged weights", self.client_id,
                         report.round + 1, open_round - 1)
             await self._resync()
+        else:
+            await self._apply(update, old_plan)
         return report
 
     async def _resync(self) -> None:
