@@ -48,7 +48,7 @@ from hsplitlora.planner import Budget, MeasuredDevice, PlannerConfig, choose_spl
 from hsplitlora.predict import DeviceRates
 from hsplitlora.report import metrics_table, table
 from hsplitlora.simulate import FederationConfig, device_budgets
-from server.store import MERGED_DELTAS
+from server.store import MERGED_DELTAS, Store
 
 log = logging.getLogger(__name__)
 PY = [sys.executable, "-m", "app"]  # the `hsplitlora` command of this interpreter
@@ -218,10 +218,13 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
+    # Each device registers with a join code of its own, as an operator would give them out.
+    store = Store(workdir / "state")
+    codes = [store.add_join_code(uses=1) for _ in clients]
+    store.close()
     # The server does most of the compute (every client's remaining blocks): torch's threads.
     server = await asyncio.create_subprocess_exec(
         *PY, "server", "--model", cfg.model, "--port", str(port), "--state", str(workdir / "state"),
-        "--open-registration",  # its clients are its own processes on 127.0.0.1
         "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients), "--local-steps", str(cfg.local_steps),
         "--batch-size", str(cfg.batch_size), "--max-len", str(cfg.max_len),
         stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"), env=_env(os.cpu_count() or 1))
@@ -242,11 +245,11 @@ async def _supervise(cfg: DemoConfig, workdir: Path) -> dict:
                      "--memory-budget, and nothing enforces it")
         await _profile_clients(cfg, clients, url, workdir)
         set_up = time.perf_counter() - started
-        for i, (c, examples) in enumerate(zip(clients, shards)):
+        for i, (c, examples, code) in enumerate(zip(clients, shards, codes)):
             data = workdir / f"{c.name}.jsonl"
             data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
                                     for e in examples))
-            argv = [*PY, "client", "--server", url, "--data", str(data), "--threads", str(c.threads),
+            argv = [*PY, "client", "--server", url, "--join-code", code, "--data", str(data), "--threads", str(c.threads),
                     "--profile", str(workdir / f"{c.name}.profile.json"), "--rounds", str(cfg.rounds), "--progress-json"]
             if c.declared_bytes is not None:
                 argv += ["--memory-budget", str(int(c.declared_bytes))]

@@ -45,7 +45,7 @@ from hsplitlora.configs import option, parse_bytes
 from hsplitlora.cost import ModelDims, StepShape
 from hsplitlora.data import Example, endless_batches, pad_batch
 from hsplitlora.federation.manifest import MANIFEST
-from hsplitlora.federation.protocol import START, Settings, Update, factors_to_tensors
+from hsplitlora.federation.protocol import REJOIN, START, Settings, Update, factors_to_tensors
 from hsplitlora.lora import Target, lora_layer
 from hsplitlora.models import cache_dir, load_dims, load_model, load_tokenizer
 from hsplitlora.planner import Plan
@@ -221,8 +221,7 @@ class AsyncClient:
         if self.plan is None:
             await self.register()
         start = time.perf_counter()
-        losses, scores, up, down = await self._local_steps(progress)
-        up += await self.transport.upload(self.round, {k: v.clone() for k, v in self.rt.lora_tensors().items()}, scores)
+        losses, scores, up, down = await self._train_and_upload(progress)
         update, new_plan, open_round, received = await self.transport.wait_update(self.round)
         if new_plan != self.plan:
             self._check_plan(new_plan)
@@ -247,16 +246,26 @@ class AsyncClient:
         self.applied = {}
         await self._open_runtime(deltas)
 
-    async def _local_steps(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
-        """The round's split steps through the runtime: (losses, importance scores, bytes up, down);
-        again from step 0 when the server lost the earlier ones (a restart mid-round)."""
+    async def _train_and_upload(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
+        """The round's split steps through the runtime and the adapters' upload: (losses, importance
+        scores, bytes up, down). Trained again from step 0 when the server lost the earlier steps
+        (a restart mid-round), or in the open round when this one closed without us (its deadline)."""
         for attempt in range(self.config.retries + 1):
             try:
-                return await self._round_of_steps(progress)
+                losses, scores, up, down = await self._round_of_steps(progress)
+                up += await self.transport.upload(self.round, {k: v.clone() for k, v in self.rt.lora_tensors().items()},
+                                                  scores)
+                return losses, scores, up, down
             except RedoRound as e:
                 if attempt == self.config.retries:
                     raise
-                log.warning("client %s: %s; training round %d again", self.client_id, e, self.round)
+                if e.redo == REJOIN:
+                    log.warning("client %s: round %d closed without it; training round %d", self.client_id,
+                                self.round, e.open_round)
+                    self.round = e.open_round
+                    await self._resync()  # W as the rounds it missed left it (unchanged where W stays frozen)
+                else:
+                    log.warning("client %s: %s; training round %d again", self.client_id, e, self.round)
 
     async def _round_of_steps(self, progress) -> tuple[list[float], dict[Target, float], int, int]:
         s, rt = self.settings, self.rt

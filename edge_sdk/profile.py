@@ -299,6 +299,7 @@ async def measure_link(server: str, payload_bytes: int, repeats: int = 3, ssl=No
     """
     import aiohttp
 
+    from edge_sdk.transport import retry_after
     from hsplitlora.federation.protocol import Route
 
     url = server.rstrip("/") + Route.PROBE
@@ -306,12 +307,17 @@ async def measure_link(server: str, payload_bytes: int, repeats: int = 3, ssl=No
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def timed(method: str, **kw) -> tuple[float, int]:
-            t = time.perf_counter()
-            async with session.request(method, url, ssl=ssl, **kw) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{method} {url}: {resp.status} {body[:200]!r}")
-            return time.perf_counter() - t, len(body)
+            for _ in range(5):
+                t = time.perf_counter()
+                async with session.request(method, url, ssl=ssl, **kw) as resp:
+                    body = await resp.read()
+                    if resp.status == 429:  # over the server's rate for strangers: wait as it says, then measure
+                        await asyncio.sleep(retry_after(resp.headers))
+                        continue
+                    if resp.status != 200:
+                        raise RuntimeError(f"{method} {url}: {resp.status} {body[:200]!r}")
+                return time.perf_counter() - t, len(body)
+            raise RuntimeError(f"{method} {url}: still rate limited after 5 tries")
 
         await timed("GET", params={"bytes": "0"})  # connection set-up is not part of a step
         rtt = statistics.median([(await timed("GET", params={"bytes": "0"}))[0] for _ in range(5)])

@@ -21,7 +21,7 @@ import aiohttp
 import torch
 
 from hsplitlora.federation import protocol
-from hsplitlora.federation.protocol import MERGE, REDO_ROUND, Header, Route, Update
+from hsplitlora.federation.protocol import MERGE, REDO_ROUND, REJOIN, Header, Route, Update
 from hsplitlora.hashing import sha256_file
 from hsplitlora.lora import Target
 from hsplitlora.planner import Plan
@@ -37,11 +37,26 @@ class ServerError(RuntimeError):
 
 
 class RedoRound(ServerError):
-    """The server lost this round's earlier steps (it restarted): train the round again from step 0."""
+    """Train again: the round from step 0 (`redo` is REDO_ROUND: the server restarted and lost its
+    earlier steps), or the open round `open_round` (REJOIN: the round closed without this client)."""
+
+    def __init__(self, message: str, redo: str, open_round: int | None = None):
+        super().__init__(message)
+        self.redo, self.open_round = redo, open_round
 
 
 class _Retry(Exception):
-    pass
+    def __init__(self, message: str, delay: float | None = None):
+        super().__init__(message)
+        self.delay = delay  # seconds the server asked us to wait, if it did
+
+
+def retry_after(headers) -> float:
+    """A 429's Retry-After in seconds (at most a minute; 1 s if it gives none we can read)."""
+    try:
+        return min(max(float(headers.get("Retry-After", "1")), 0.0), 60.0)
+    except ValueError:
+        return 1.0
 
 
 class Transport(Protocol):
@@ -88,17 +103,24 @@ class HttpTransport:
                         return resp.status, resp.headers, body
                     if resp.status >= 500:
                         raise _Retry(f"server error {resp.status}")
+                    if resp.status == 429:  # over the server's rate: wait as long as it says
+                        raise _Retry("rate limited", retry_after(resp.headers))
                     try:
                         reply = json.loads(body)
                         message = reply["error"]
                     except (ValueError, KeyError, TypeError):
                         reply, message = {}, body[:200].decode(errors="replace")
-                    refusal = RedoRound if resp.status == 409 and reply.get("redo") == REDO_ROUND else ServerError
-                    raise refusal(f"{method} {path}: {resp.status} {message}")
+                    message = f"{method} {path}: {resp.status} {message}"
+                    redo = reply.get("redo") if resp.status == 409 else None
+                    if redo == REDO_ROUND:
+                        raise RedoRound(message, redo)
+                    if redo == REJOIN and isinstance(reply.get("open_round"), int):
+                        raise RedoRound(message, redo, reply["open_round"])
+                    raise ServerError(message)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, _Retry) as e:
                 if attempt == self.retries:
                     raise ConnectionError(f"{method} {path} failed after {attempt + 1} tries: {e}") from e
-                delay = self.backoff_s * 2**attempt
+                delay = e.delay if isinstance(e, _Retry) and e.delay is not None else self.backoff_s * 2**attempt
                 log.warning("%s %s: %s; retrying in %.1f s", method, path, e, delay)
                 await asyncio.sleep(delay)
 

@@ -16,24 +16,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
 import time
 
-import torch
 from aiohttp import web
 
 from hsplitlora.federation import protocol
-from hsplitlora.federation.protocol import MERGE, PUBLIC, START, Header, Route
+from hsplitlora.federation.protocol import MERGE, OPERATOR, PUBLIC, START, Header, Route
 from hsplitlora.lora import Target
 from hsplitlora.planner import PlanError
-from hsplitlora.wire import WireError, decode, encode
+from hsplitlora.wire import BYTES_PER_ELEMENT, WireError, decode, encode
 from server.artifacts import FORMATS, ArtifactCache, ArtifactKey, BuildError
 from server.config import ServerConfig
+from server.limits import BrokenHttpLog, RateLimits
 from server.monitoring import Monitor, render_status_page, snapshot
-from server.store import Store, server_snapshot, update_file
+from server.store import Store, round_update_file, server_snapshot
 from server.trainer import RedoRound, ServerTrainer, StepConflict
 
 log = logging.getLogger(__name__)
@@ -42,20 +44,50 @@ CLIENT: web.RequestKey[str] = web.RequestKey("client", str)
 WATCH: web.AppKey[asyncio.Task] = web.AppKey("watch", asyncio.Task)
 
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Answer, then close the connection at once: what the sender still has of its body is not read
+    (aiohttp would otherwise linger, reading it, for up to 10 s)."""
+    response.force_close()  # says `Connection: close`, so the sender does not reuse the connection
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
+def too_large(state: ServerState, request: web.Request) -> bool:
+    return request.content_length is not None and request.content_length > state.limit
 
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
-    """Bearer-token authentication for every non-public route; errors as JSON."""
+    """Rate limits, bearer-token authentication for every non-public route, errors as JSON."""
     state: ServerState = request.app[STATE]
-    if request.path not in PUBLIC:
+    address = request.remote or "unknown"
+    if request.path in PUBLIC:
+        if request.path in OPERATOR and not state.operator_may_read(request):
+            return error(403, "the operator's views answer this machine, or a caller with the operator's token "
+                              "(--operator-token-file)")
+        wait = state.rates.anonymous_request(address)
+    else:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         client_id = state.store.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if client_id is None or client_id not in state.trainer.clients:
-            return error(401, "missing or invalid bearer token")
-        request[CLIENT] = client_id
+            wait = state.rates.anonymous_request(address)  # guessing tokens costs the guesser's address
+            if wait is None:
+                return error(401, "missing or invalid bearer token")
+        else:
+            request[CLIENT] = client_id
+            state.trainer.touch(client_id)
+            wait = state.rates.client_request(client_id)
+    if wait is not None:
+        return error(429, f"too many requests: try again in {wait:.1f} s",
+                     headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    if too_large(state, request):
+        return await answer_and_close(request, error(413, f"request body over the limit of {state.limit} bytes"))
     try:
         return await handler(request)
     except WireError as e:
@@ -65,14 +97,23 @@ async def errors_and_auth(request: web.Request, handler):
     except web.HTTPException as e:
         if e.content_type == "application/json":
             raise
-        response = error(e.status, e.reason)
-        if e.status == 408:
-            # A sender too slow for its body: answered, then its connection closed at once (aiohttp
-            # would otherwise linger, reading the rest of the body, for up to 10 s).
-            await response.prepare(request)
-            await response.write_eof()
-            request.protocol.force_close()
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # a 405 names what is allowed
+        response = error(e.status, e.reason, allow)
+        if e.status == 408:  # a sender too slow for its body
+            return await answer_and_close(request, response)
         return response
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue`: a body over the limit is refused before it is sent, not invited."""
+    state: ServerState = request.app[STATE]
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error(417, "only Expect: 100-continue is understood")
+    if too_large(state, request):
+        return await answer_and_close(request, error(413, f"request body over the limit of {state.limit} bytes"))
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not started
+    return None
 
 
 class ServerState:
@@ -88,10 +129,23 @@ class ServerState:
         self.limit = cfg.request_limit(self.trainer.dims.hidden, self._adapter_bytes())
         self.aggregating = asyncio.Lock()
         self.scores: dict[str, dict[Target, float]] = {}
-        # (round, client) -> digest of its accepted upload: a retry gets the same answer (kept in memory)
-        self.upload_digests: dict[tuple[int, str], str] = {}
         self.artifacts = ArtifactCache(cfg.state)
         self.monitor = Monitor(self)
+        self.rates = RateLimits(cfg.rate_per_client, cfg.rate_per_address, int(cfg.probe_bytes_per_minute))
+        self.operator_token = cfg.operator_token_file.read_text().strip() if cfg.operator_token_file else None
+        if self.operator_token == "":
+            raise ValueError(f"the operator token file {cfg.operator_token_file} is empty")
+        # What an anonymous probe may ask for: one step's activations on the wire, what a device
+        # measures its link with (`hsplitlora profile`).
+        self.probe_limit = cfg.batch_size * cfg.max_len * self.trainer.dims.hidden * BYTES_PER_ELEMENT[cfg.wire]
+
+    def operator_may_read(self, request: web.Request) -> bool:
+        """The operators' views (/status, /metrics) answer this machine, and the operator's token."""
+        if request.remote is not None and _loopback(request.remote):
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return (self.operator_token is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(token.strip().encode(), self.operator_token.encode()))
 
     def _adapter_bytes(self) -> int:
         q = self.cfg.planner.rank_set[-1]
@@ -102,34 +156,39 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
 
     async def maybe_aggregate(self, force: bool = False) -> None:
-        """Aggregate the open round once enough clients uploaded (or, if forced, any did)."""
+        """Aggregate the open round once enough clients uploaded and no other active client is still
+        training it (or, forced at the deadline, with those that uploaded)."""
         async with self.aggregating:
             number = self.round
             uploaded = self.store.uploaded(number)
-            if not uploaded or (len(uploaded) < self.cfg.clients_per_round and not force):
+            if not uploaded:
+                return
+            if not force and (len(uploaded) < self.cfg.clients_per_round or self.trainer.mid_round(number, uploaded)):
                 return
             log.info("round %d: aggregating %d client(s)", number, len(uploaded))
             with self.monitor.aggregation_seconds.time():
                 uploads = await self.run_model(self.store.uploads, number)
                 scores = {c: self.scores.get(c, {}) for c in uploads}
-                replies = await self.run_model(self.trainer.aggregate, uploads, scores, number)
-                for client_id, update in replies.items():
-                    plan = self.trainer.clients[client_id].plan
-                    self.store.set_plan(client_id, plan.to_dict())
-                    await self.run_model(self.store.save_tensors, update_file(number, client_id),
-                                         update.to_tensors() or {"empty": torch.zeros(0)})
-                self.store.complete_round(number)
+                shared, plans = await self.run_model(self.trainer.aggregate, uploads, scores, number)
+                if shared is not None:
+                    await self.run_model(self.store.save_tensors, round_update_file(number), shared)
+                self.store.complete_round(number, {c: plan.to_dict() for c, plan in plans.items()})
                 # The files of rounds past the retention go: disk stays bounded over a long run.
                 await self.run_model(self.store.prune_rounds, number + 1 - self.cfg.keep_rounds)
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
-            # An upload is retried right after it is answered: the closed round's digests suffice.
-            self.upload_digests = {k: v for k, v in self.upload_digests.items() if k[0] >= number}
 
     async def deadline_watch(self) -> None:
+        """Close the round at its deadline; and once no active client holds it up any more (one
+        that went idle mid-round)."""
         while True:
             await asyncio.sleep(1.0)
-            if time.time() - self.round_started > self.cfg.round_deadline_s:
-                await self.maybe_aggregate(force=True)
+            await self.maybe_aggregate(force=time.time() - self.round_started > self.cfg.round_deadline_s)
+
+    def closed_without(self, round_number: int) -> web.Response:
+        """409 for a step or upload of a round that closed without this client: it rejoins the open round."""
+        return web.json_response({"error": f"round {round_number} closed without this client (its deadline passed); "
+                                           f"take the merged weights and train round {self.round}",
+                                  "redo": protocol.REJOIN, "open_round": self.round}, status=409)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -144,18 +203,30 @@ async def settings(request: web.Request) -> web.Response:
 async def probe_download(request: web.Request) -> web.Response:
     """`bytes` random bytes, for a device measuring its download bandwidth (edge_sdk.profile).
 
-    Capped at the request limit: a probe costs the server no more than a step does.
+    Capped at one step's activations on the wire, and at --probe-bytes-per-minute per address:
+    a probe costs the server no more than a step does, and a stranger cannot make it a flood.
     """
     state: ServerState = request.app[STATE]
     size = _int_query(request, "bytes")
-    if not 0 <= size <= state.limit:
-        return error(400, f"bytes must be in [0, {state.limit}]")
+    if not 0 <= size <= state.probe_limit:
+        return error(400, f"bytes must be in [0, {state.probe_limit}] (one step's activations)")
+    wait = state.rates.probe_bytes(request.remote or "unknown", size)
+    if wait is not None:
+        return error(429, f"this address asked for more than --probe-bytes-per-minute of probes: try again in "
+                          f"{wait:.1f} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return web.Response(body=os.urandom(size), content_type="application/octet-stream")
 
 
 async def probe_upload(request: web.Request) -> web.Response:
     """Read and discard the body (at most the request limit); answer its size."""
     return web.json_response({"bytes": len(await _body(request))})
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def profile_problem(profile: dict, cfg: ServerConfig) -> str | None:
@@ -250,8 +321,13 @@ async def step(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     client_id = request[CLIENT]
     round_number, step_number = _int_query(request, "round"), _int_query(request, "step")
+    if round_number < state.round:
+        return state.closed_without(round_number)
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
+    if state.store.upload_of(round_number, client_id) is not None:
+        return error(409, f"this client's adapters of round {round_number} were accepted: its steps are over; "
+                          f"wait for the round's update")
     if not 0 <= step_number < state.cfg.local_steps:
         return error(400, f"step must be in [0, {state.cfg.local_steps})")
     body = await _body(request)
@@ -292,11 +368,13 @@ async def upload_adapters(request: web.Request) -> web.Response:
     body = await _body(request)
     digest = hashlib.sha256(body + request.headers.get(Header.IMPORTANCE, "").encode()).hexdigest()
     accepted = {"round": round_number, "accepted": True, "open_round": state.round}
-    earlier = state.upload_digests.get((round_number, client_id))
+    earlier = state.store.upload_of(round_number, client_id)
     if earlier is not None:  # a retry of an accepted upload is answered as it was; another body is not taken
-        if earlier == digest:
+        if earlier[1] == digest:
             return web.json_response(accepted, status=202)
         return error(409, f"this client's adapters of round {round_number} were already accepted (with another body)")
+    if round_number < state.round:
+        return state.closed_without(round_number)
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     plan = state.trainer.clients[client_id].plan
@@ -314,15 +392,21 @@ async def upload_adapters(request: web.Request) -> web.Response:
     if foreign:
         return error(400, f"{Header.IMPORTANCE} scores weights that are not of this client's device blocks: "
                           f"{', '.join(foreign[:5])}")
+    trained = state.trainer.steps_trained(client_id, round_number)
+    if trained == 0:  # also after a restart that lost its steps: the SDK trains the round again
+        return web.json_response({"error": f"this server has no trained step of this client in round {round_number}: "
+                                           f"train the round from step 0, then upload", "redo": protocol.REDO_ROUND},
+                                 status=409)
+    if trained < state.cfg.local_steps:
+        return error(409, f"{trained} of the round's {state.cfg.local_steps} steps were trained: upload after the last")
 
     def keep() -> None:
         # The server-side half is written first: an upload row only ever exists with both halves on disk.
         state.store.save_tensors(server_snapshot(round_number, client_id), state.trainer.server_state(client_id))
-        state.store.record_upload(round_number, client_id, tensors)
+        state.store.record_upload(round_number, client_id, tensors, plan.split, digest)
 
     await state.run_model(keep)
     state.scores[client_id] = scores
-    state.upload_digests[(round_number, client_id)] = digest
     await state.maybe_aggregate()
     return web.json_response({**accepted, "open_round": state.round}, status=202)
 
@@ -335,13 +419,15 @@ async def round_update(request: web.Request) -> web.Response:
         uploaded = len(state.store.uploaded(state.round))
         return web.json_response({"status": "waiting", "round": state.round, "uploaded": uploaded,
                                   "needed": state.cfg.clients_per_round}, status=202)
-    tensors = await state.run_model(state.store.load_tensors, update_file(round_number, client_id))
-    if tensors is None:
-        return error(404, f"no update for this client in round {round_number} (it did not take part, or the "
-                          f"round's files were deleted: the server keeps --keep-rounds {state.cfg.keep_rounds})")
-    tensors.pop("empty", None)
-    plan = state.trainer.clients[client_id].plan
-    body = await state.run_model(encode, tensors, "fp32")
+    upload, plan, update = state.store.upload_of(round_number, client_id), state.trainer.clients[client_id].plan, None
+    if max(1, state.round - state.cfg.keep_rounds) <= round_number:
+        # A client that did not take part has kept its plan: its split then is its split now.
+        split_before = upload[0] if upload is not None and upload[0] is not None else plan.split
+        update = await state.run_model(state.trainer.reply, client_id, round_number, split_before)
+    if update is None:
+        return error(404, f"no update of round {round_number} (the server keeps the last --keep-rounds "
+                          f"{state.cfg.keep_rounds})")
+    body = await state.run_model(encode, update.to_tensors(), "fp32")
     return web.Response(body=body, content_type="application/octet-stream",
                         headers={Header.PLAN: json.dumps(plan.to_dict()), Header.ROUND: str(state.round),
                                  Header.UPDATE: MERGE if state.trainer.strategy.merges else START})
@@ -419,7 +505,11 @@ async def metrics(request: web.Request) -> web.Response:
 def make_app(cfg: ServerConfig) -> web.Application:
     """The application for a config (state is loaded, or created, under cfg.state)."""
     state = ServerState(cfg)
-    app = web.Application(middlewares=[state.monitor.middleware, errors_and_auth], client_max_size=state.limit)
+    # keepalive_timeout also closes a connection whose request headers do not arrive in time (aiohttp
+    # counts a connection idle until its headers are complete): the header timeout.
+    app = web.Application(middlewares=[state.monitor.middleware, errors_and_auth], client_max_size=state.limit,
+                          handler_args={"keepalive_timeout": cfg.header_timeout_s,
+                                        "logger": BrokenHttpLog(logging.getLogger("aiohttp.server"))})
     app[STATE] = state
     for method, route, handler in [
         ("GET", Route.HEALTH, healthz), ("GET", Route.OPENAPI, openapi), ("GET", Route.SETTINGS, settings),
@@ -430,7 +520,7 @@ def make_app(cfg: ServerConfig) -> web.Application:
         ("GET", Route.STATUS_PAGE, status_page), ("GET", Route.METRICS, metrics),
     ]:
         add = {"GET": app.router.add_get, "POST": app.router.add_post, "PUT": app.router.add_put}[method]
-        add(route.replace("{round}", "{round:\\d+}"), handler)
+        add(route, handler, expect_handler=expect_continue)
     app.on_response_prepare.append(state.monitor.on_response_prepare)
 
     async def start_watch(app: web.Application) -> None:

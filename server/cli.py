@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.open_registration and not ipaddress.ip_address(socket.gethostbyname(cfg.host)).is_loopback:
         logging.getLogger(__name__).warning("registration is open to anyone who reaches %s:%d: give devices join "
                                             "codes instead (`hsplitlora enroll`)", cfg.host, cfg.port)
-    logging.getLogger(__name__).info("state in %s; serving %s; status page %s://%s:%d/status, metrics at /metrics",
-                                     cfg.state, cfg.model, scheme, cfg.host, cfg.port)
+    who = "this machine" + (", and callers with the operator's token" if cfg.operator_token_file else
+                            " only (--operator-token-file opens them to callers with a token)")
+    logging.getLogger(__name__).info("state in %s; serving %s; status page %s://%s:%d/status and metrics at /metrics "
+                                     "answer %s", cfg.state, cfg.model, scheme, cfg.host, cfg.port, who)
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=context, print=None, access_log=None)
     return 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsplitlora.configs import ALPHA_HELP, LR_HELP, option
+from hsplitlora.configs import ALPHA_HELP, LR_HELP, option, parse_bytes
 from hsplitlora.federation.protocol import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LEN, Settings
 from hsplitlora.federation.strategies import SERVER_SPEED, STRATEGIES, Strategy, strategy
 from hsplitlora.models import DEFAULT_MODEL, MODEL_HELP
 from hsplitlora.planner import PlannerConfig
 from hsplitlora.wire import WIRE_FORMATS
+from server.limits import rate
 
 FEDERATED = tuple(name for name, s in STRATEGIES.items() if s.federated)
 
@@ -28,9 +29,13 @@ class ServerConfig:
                               "into the weights), or splitlora / hetlora / flexlora (a global adapter on frozen weights; "
                               "plans stay fixed; hetlora / flexlora devices run every block, the server the head)")
     rounds: int = option(10, help="planned rounds of the run; importance smoothing settles over them")
-    clients_per_round: int = option(1, help="aggregate once this many clients uploaded their round")
+    clients_per_round: int = option(1, help="aggregate once this many clients uploaded their round and no other "
+                                             "active client is still training it")
     round_deadline_s: float = option(600.0, flag="--round-deadline", metavar="SECONDS",
                                      help="seconds after which a round aggregates with the clients that made it")
+    idle_expiry_s: float = option(1800.0, flag="--idle-expiry", metavar="SECONDS",
+                                  help="a client not heard from for this long is left out of planning and no round "
+                                       "waits for it, until it is back")
     local_steps: int = option(4, help="local steps per round")
     batch_size: int = option(DEFAULT_BATCH_SIZE, help="examples per step")
     max_len: int = option(DEFAULT_MAX_LEN, help="max tokens per example")
@@ -52,6 +57,21 @@ class ServerConfig:
                                        "deleted (a client asking for a deleted round's update gets 404)")
     read_timeout_s: float = option(60.0, flag="--read-timeout", metavar="SECONDS",
                                    help="a request body must arrive within this many seconds (408 otherwise)")
+    header_timeout_s: float = option(30.0, flag="--header-timeout", metavar="SECONDS",
+                                     help="a connection must send a request's headers within this many seconds of "
+                                          "opening, or of its last answer; slower (or idle) ones are closed")
+    rate_per_client: str = option("50/second", metavar="RATE",
+                                  help="requests one client may make (e.g. 50/second, 600/minute); more get 429")
+    rate_per_address: str = option("50/second", metavar="RATE",
+                                   help="requests without a valid token (registration, probes, status) one address "
+                                        "may make; more get 429")
+    probe_bytes_per_minute: float = option(64 * 2**20, parse=parse_bytes, metavar="BYTES",
+                                           help="bytes of /v1/probe downloads one address may ask for per minute "
+                                                "without a token (e.g. 64MiB)")
+    operator_token_file: Path | None = option(
+        None, help="a file holding the operator's token: /status and /metrics then answer callers from other "
+                   "addresses than this machine's who send it as a bearer token (without it they answer only "
+                   "this machine)")
     tls_cert: Path | None = option(None, help="serve HTTPS with this certificate (PEM)")
     tls_key: Path | None = option(None, help="... and this private key (PEM)")
 
@@ -63,8 +83,12 @@ class ServerConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
-        if not self.read_timeout_s > 0:
-            raise ValueError(f"--read-timeout must be > 0, got {self.read_timeout_s}")
+        for name in ("rate_per_client", "rate_per_address"):
+            rate(getattr(self, name))  # a ValueError that says what a rate looks like
+        for name, flag in (("idle_expiry_s", "--idle-expiry"), ("header_timeout_s", "--header-timeout"),
+                           ("read_timeout_s", "--read-timeout"), ("probe_bytes_per_minute", "--probe-bytes-per-minute")):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)}")
         if not self.max_update_ratio > 0:
             raise ValueError(f"--max-update-ratio must be > 0, got {self.max_update_ratio}")
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_len", "max_clients",

@@ -81,7 +81,7 @@ class Monitor:
                                "not trained twice", registry=r)
         self.aggregation_seconds = Histogram(
             "hsplitlora_aggregation_seconds", "Seconds to aggregate a round: the aggregator, merging, re-planning "
-            "and writing the replies", buckets=SECONDS, registry=r)
+            "its participants and writing the round's update", buckets=SECONDS, registry=r)
         r.register(_RunCollector(state))
         self.middleware = self._middleware()
 

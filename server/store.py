@@ -18,8 +18,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 SCHEMA = """
@@ -57,9 +59,13 @@ CREATE TABLE IF NOT EXISTS uploads (
     client TEXT NOT NULL REFERENCES clients(id),
     path TEXT NOT NULL,
     at REAL NOT NULL,
+    split INTEGER,
+    digest TEXT,
     PRIMARY KEY (round, client)
 );
 """
+# Columns added after a state directory may have been created: (table, column, type).
+ADDED_COLUMNS = [("uploads", "split", "INTEGER"), ("uploads", "digest", "TEXT")]
 
 
 # Where the tensors of a run rest under the state directory (docs/protocol.md, "State and restarts").
@@ -78,9 +84,10 @@ def server_snapshot(round_number: int, client_id: str) -> str:
     return f"rounds/{round_number}/{client_id}-server.safetensors"
 
 
-def update_file(round_number: int, client_id: str) -> str:
-    """The update a client is answered after a round."""
-    return f"rounds/{round_number}/update-{client_id}.safetensors"
+def round_update_file(round_number: int) -> str:
+    """What a merging round added to the weights (stacked factors of every adapted weight), written
+    once for its participants: each one's reply is the part of its device blocks."""
+    return f"rounds/{round_number}/update.safetensors"
 
 
 def start_factors(client_id: str) -> str:
@@ -126,6 +133,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -194,10 +204,12 @@ class Store:
         self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (last + 1, time.time()))
         return last + 1
 
-    def complete_round(self, number: int) -> None:
-        """Close a round and open the next one, in one transaction."""
+    def complete_round(self, number: int, plans: dict[str, dict]) -> None:
+        """Close a round with its participants' new plans and open the next one, in one transaction."""
         with self.db:
             self.db.execute("BEGIN")
+            self.db.executemany("UPDATE clients SET plan = ? WHERE id = ?",
+                                [(json.dumps(plan), client_id) for client_id, plan in plans.items()])
             self.db.execute("UPDATE rounds SET status = 'complete', completed = ? WHERE number = ?", (time.time(), number))
             self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (number + 1, time.time()))
 
@@ -252,15 +264,31 @@ class Store:
         os.replace(tmp, path)
         return path
 
-    def load_tensors(self, relative: str) -> dict[str, torch.Tensor] | None:
+    def load_tensors(self, relative: str, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor] | None:
+        """A safetensors file's tensors (only the names `keep` accepts, read alone), or None if absent."""
         path = self.root / relative
-        return load_file(str(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        if keep is None:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
 
-    def record_upload(self, round_number: int, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep a client's round adapters; the row is written after the file, so it never dangles."""
+    def record_upload(self, round_number: int, client_id: str, tensors: dict[str, torch.Tensor], split: int,
+                      digest: str) -> None:
+        """Keep a client's round adapters, trained at `split`, and the digest of the request that
+        brought them (a retry is recognised by it, also after a restart); the row is written after
+        the file, so it never dangles."""
         path = self.save_tensors(upload_file(round_number, client_id), tensors)
-        self.db.execute("INSERT OR REPLACE INTO uploads (round, client, path, at) VALUES (?, ?, ?, ?)",
-                        (round_number, client_id, str(path.relative_to(self.root)), time.time()))
+        self.db.execute("INSERT OR REPLACE INTO uploads (round, client, path, at, split, digest) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (round_number, client_id, str(path.relative_to(self.root)), time.time(), split, digest))
+
+    def upload_of(self, round_number: int, client_id: str) -> tuple[int | None, str | None] | None:
+        """(split, digest) of a client's accepted upload of a round, or None if it did not upload."""
+        row = self.db.execute("SELECT split, digest FROM uploads WHERE round = ? AND client = ?",
+                              (round_number, client_id)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def _upload_rows(self, round_number: int) -> list[tuple[str, str]]:
         # In registration order, so that aggregation sums in the same order wherever it runs.

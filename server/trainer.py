@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,8 @@ from hsplitlora.split import Segment
 from hsplitlora.train import make_optimizer
 from hsplitlora.wire import BYTES_PER_ELEMENT, WireError
 from server.config import ServerConfig
-from server.store import GLOBAL_ADAPTER, IMPORTANCE, MERGED_DELTAS, ClientRecord, Store, server_snapshot, start_factors
+from server.store import (GLOBAL_ADAPTER, IMPORTANCE, MERGED_DELTAS, ClientRecord, Store, round_update_file,
+                          server_snapshot, start_factors)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,19 @@ class ServerClient:
     speed: float | None
     plan: Plan
     device: MeasuredDevice | None = None  # its measurements, when it profiled itself
+    last_seen: float = field(default_factory=time.monotonic)  # its last authenticated request
+    round: int | None = None  # the round its server-side adapters below are of (None: it is in none)
     factors: dict[Target, LoRAFactors] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     scores: dict[Target, float] = field(default_factory=dict)
     last_step: tuple[int, int] | None = None  # (round, step) of the last trained step
     last_reply: tuple[torch.Tensor, float] | None = None  # its gradient and loss, for a retry
     digests: dict[int, str] = field(default_factory=dict)  # this round's trained steps: the digest of each body
+
+    def leave_round(self) -> None:
+        """Drop the round's server-side state (the round closed, with or without this client)."""
+        self.round, self.factors, self.optimizer, self.scores = None, {}, None, {}
+        self.last_step, self.last_reply, self.digests = None, None, {}
 
 
 class StepConflict(RuntimeError):
@@ -115,22 +124,30 @@ class ServerTrainer:
         for client_id in store.uploaded(open_round):
             saved = store.load_tensors(server_snapshot(open_round, client_id))
             if saved is not None:
-                self.restore_server_state(client_id, saved)
+                self.restore_server_state(client_id, saved, open_round)
 
     # ----- clients and plans -------------------------------------------------------------------
-    def _context(self, newcomer: Budget | None = None) -> PlanContext:
-        """What the strategy plans with: every registered client's budget by registration order
-        (and a newcomer's, last)."""
-        budgets = [c.budget for c in sorted(self.clients.values(), key=lambda c: c.number)]
-        return PlanContext(self.dims, self.shape, self.cfg.planner, self.importance,
-                           budgets + ([newcomer] if newcomer else []), self.cfg.server_speed)
+    def touch(self, client_id: str) -> None:
+        """The client was just heard from (it is active for --idle-expiry seconds more)."""
+        self.clients[client_id].last_seen = time.monotonic()
+
+    def active(self) -> list[ServerClient]:
+        """The clients heard from within --idle-expiry seconds, by registration order: the ones
+        planning counts and a round waits for."""
+        since = time.monotonic() - self.cfg.idle_expiry_s
+        return sorted((c for c in self.clients.values() if c.last_seen >= since), key=lambda c: c.number)
+
+    def _context(self, active: list[ServerClient], newcomer: Budget | None = None) -> PlanContext:
+        """What the strategy plans with: the active clients' budgets by registration order (and a
+        newcomer's, last)."""
+        budgets = [c.budget for c in active] + ([newcomer] if newcomer else [])
+        return PlanContext(self.dims, self.shape, self.cfg.planner, self.importance, budgets, self.cfg.server_speed)
 
     def _adopt(self, record: ClientRecord, plan: Plan) -> ServerClient:
         profile = record.profile
         client = ServerClient(record.id, record.number, record.examples, budget_of(profile),
                               profile.get("relative_speed"), plan, measured_device(profile, self.cfg.wire))
         self.clients[record.id] = client
-        self._fresh_adapters(client, self.store.current_round(), self._context())
         return client
 
     def plan_for(self, profile: dict) -> Plan:
@@ -139,7 +156,7 @@ class ServerTrainer:
         device = measured_device(profile, self.cfg.wire)
         budget = budget_of(profile)
         with self.lock:
-            ctx = self._context(newcomer=budget)
+            ctx = self._context(self.active(), newcomer=budget)
             who = Participant(len(ctx.budgets) - 1, budget, profile.get("relative_speed"), device)
             return self.strategy.device_plan(ctx, who)
 
@@ -147,22 +164,25 @@ class ServerTrainer:
         with self.lock:
             self._adopt(record, plan)
 
-    def _fresh_adapters(self, client: ServerClient, round_number: int, ctx: PlanContext) -> None:
-        """The client's server-side adapters for a round: fresh (ranks by the strategy in `ctx`), or
-        (non-merging strategies) where the last aggregation left them."""
+    def server_ranks(self, client_id: str) -> dict[Target, int]:
+        """The ranks the strategy gives the client's server-side adapters now (fresh ones)."""
+        return self.strategy.server_ranks(self._context(self.active()), self.clients[client_id].plan.split)
+
+    def _enter_round(self, client: ServerClient, round_number: int) -> None:
+        """The client's server-side adapters for a round, made at its first step: fresh (ranks by
+        the strategy), or (non-merging strategies) where the last aggregation left them."""
         install_adapters(self.model, {})
         saved = None if self.strategy.merges else self.store.load_tensors(start_factors(client.id))
         if saved is not None:
             start = {t: ab for t, ab in tensors_to_factors(saved).items() if t.layer >= client.plan.split}
             client.factors = adapters_from_factors(self.model, start, self.cfg.alpha)
         else:
-            ranks = self.strategy.server_ranks(ctx, client.plan.split)
-            client.factors = apply_lora(self.model, ranks, self.cfg.alpha,
+            client.factors = apply_lora(self.model, self.server_ranks(client.id), self.cfg.alpha,
                                         seed=(self.cfg.seed, client.number, round_number))
         # A strategy that trains every block on the device leaves the server only the head: no adapters.
         client.optimizer = (make_optimizer((p for f in client.factors.values() for p in f.parameters()), self.cfg.lr)
                             if client.factors else None)
-        client.scores, client.last_step, client.last_reply, client.digests = {}, None, None, {}
+        client.round, client.scores, client.last_step, client.last_reply, client.digests = round_number, {}, None, None, {}
 
     def _segment(self, split: int) -> Segment:
         if split not in self.segments:
@@ -183,9 +203,11 @@ class ServerTrainer:
             if client.last_step == (round_number, step) and client.digests.get(step) == digest:
                 grad, loss = client.last_reply
                 return grad, loss, False
-            if step > 0 and not client.digests:
-                raise RedoRound(f"the server has no record of this round's earlier steps (it restarted, or step 0 "
-                                f"was never sent): train round {round_number} again from step 0")
+            if client.round != round_number or not client.digests:
+                if step > 0:
+                    raise RedoRound(f"the server has no record of this round's earlier steps (it restarted, or "
+                                    f"step 0 was never sent): train round {round_number} again from step 0")
+                self._enter_round(client, round_number)
             if step in client.digests:
                 again = "with another body" if client.last_step == (round_number, step) else "again"
                 raise StepConflict(f"step {step} of round {round_number} was already trained; it was sent {again} "
@@ -219,6 +241,11 @@ class ServerTrainer:
             client.digests[step] = digest
             return h.grad.detach(), loss.item(), True
 
+    def steps_trained(self, client_id: str, round_number: int) -> int:
+        """How many split steps of this round the client's server side trained."""
+        client = self.clients[client_id]
+        return len(client.digests) if client.round == round_number else 0
+
     def upload_problem(self, client_id: str, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why a client's uploaded device adapters must be refused, or None."""
         adapters = {t: (a, b, self.cfg.alpha / a.shape[0]) for t, (a, b) in tensors_to_factors(tensors).items()}
@@ -230,23 +257,25 @@ class ServerTrainer:
             return factors_to_tensors({t: (f.A.detach().clone(), f.B.detach().clone())
                                        for t, f in self.clients[client_id].factors.items()})
 
-    def restore_server_state(self, client_id: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Put back a client's server-side adapters exactly as persisted (their set and ranks too)."""
+    def restore_server_state(self, client_id: str, tensors: dict[str, torch.Tensor], round_number: int) -> None:
+        """Put back a client's server-side adapters of a round exactly as persisted (their set and ranks too)."""
         with self.lock:
             client = self.clients[client_id]
             client.factors = adapters_from_factors(self.model, tensors_to_factors(tensors), self.cfg.alpha)
+            client.round = round_number
 
     # ----- aggregation -------------------------------------------------------------------------
     def aggregate(self, uploads: dict[str, dict[str, torch.Tensor]], device_scores: dict[str, dict[Target, float]],
-                  round_number: int) -> dict[str, Update]:
+                  round_number: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Plan]]:
         """Close one round (`hsplitlora.federation.round`) over the uploading clients' device and
-        server adapters; persist what it changed; every client's update and next adapters.
+        server adapters; persist what it changed: (the round's shared update, the participants'
+        next plans).
 
-        A merging strategy re-plans every client; its update holds, for each changed weight of
-        its device blocks, the stacked factors to add, and for blocks a new plan moves onto the
-        device the merged delta against the base checkpoint. The others keep W frozen and a
-        global adapter; the update holds the factors the client's device adapters start the next
-        round from (a client that missed the round starts where it started this one).
+        A merging strategy re-plans each participant, and the shared update holds, for every
+        changed weight, the stacked factors to add (`reply` cuts each client's part from it). The
+        others keep W frozen and a global adapter, and each participant's next start is kept by
+        the store. The cost is in the participants: clients that did not take part keep their plan
+        and are not touched, beyond dropping what they had begun of this round.
         """
         with self.lock:
             contributions = []
@@ -267,19 +296,18 @@ class ServerTrainer:
             for client_id, starts in result.starts.items():
                 if starts:
                     self.store.save_tensors(start_factors(client_id), factors_to_tensors(starts))
-            ctx = self._context()  # one context for every client: budgets by registration order
-            replies = {}
-            for index, client in enumerate(sorted(self.clients.values(), key=lambda c: c.number)):
-                old_split = client.plan.split
-                who = Participant(index, client.budget, client.speed, client.device, client.plan)
-                client.plan = self.strategy.next_plan(ctx, who)
-                if self.strategy.merges:
-                    factors = {t: (u.A, u.B) for t, u in result.merged.items() if t.layer < old_split}
-                    replies[client.id] = Update(MERGE, factors, self._new_blocks(old_split, client.plan.split))
-                else:
-                    saved = tensors_to_factors(self.store.load_tensors(start_factors(client.id)) or {})
-                    replies[client.id] = Update(START, {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
-                self._fresh_adapters(client, round_number + 1, ctx)
+            active = self.active()
+            ctx = self._context(active)  # one context for every participant: budgets by registration order
+            order = {c.id: i for i, c in enumerate(active)}
+            plans = {}
+            for client_id in uploads:
+                client = self.clients[client_id]
+                who = Participant(order.get(client_id, len(active)), client.budget, client.speed, client.device,
+                                  client.plan)
+                client.plan = plans[client_id] = self.strategy.next_plan(ctx, who)
+            for client in self.clients.values():
+                if client.round == round_number:
+                    client.leave_round()
             if self.strategy.merges:
                 self.store.save_tensors(MERGED_DELTAS, self.deltas())
             else:
@@ -287,7 +315,31 @@ class ServerTrainer:
                     {t: (u.A, u.B) for t, u in self.global_adapter.items()}))
             self.store.save_tensors(IMPORTANCE, {str(t): torch.tensor(v, dtype=torch.float64)
                                                  for t, v in self.tracker.smoothed.items()})
-            return replies
+            shared = factors_to_tensors({t: (u.A, u.B) for t, u in result.merged.items()}) if self.strategy.merges else None
+            return shared, plans
+
+    def mid_round(self, round_number: int, uploaded: list[str]) -> list[str]:
+        """Active clients that trained steps of this round and have not uploaded it yet."""
+        done = set(uploaded)
+        return [c.id for c in self.active() if c.round == round_number and c.digests and c.id not in done]
+
+    def reply(self, client_id: str, round_number: int, split_before: int) -> Update | None:
+        """A client's update of a closed round, derived from what the round left (None: its files
+        were pruned). `split_before`: the split the client trained the round with.
+
+        Merge: the round's factors of the weights in its blocks then, and the merged deltas of
+        blocks its new plan brings onto the device. Start: where its adapters start the next round
+        (its own start unchanged if it did not take part)."""
+        with self.lock:
+            client = self.clients[client_id]
+            if not self.strategy.merges:
+                saved = tensors_to_factors(self.store.load_tensors(start_factors(client_id)) or {})
+                return Update(START, {t: ab for t, ab in saved.items() if t.layer < client.plan.split})
+            tensors = self.store.load_tensors(round_update_file(round_number),
+                                              keep=lambda key: Target.from_key(key)[0].layer < split_before)
+            if tensors is None:
+                return None
+            return Update(MERGE, tensors_to_factors(tensors), self._new_blocks(split_before, client.plan.split))
 
     def _new_blocks(self, old_split: int, new_split: int) -> dict[Target, torch.Tensor]:
         """The merged deltas of the blocks a deeper split brings onto a device."""

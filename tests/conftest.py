@@ -93,9 +93,11 @@ async def one_client(tmp_path, examples, **kw):
 
 
 def server_config(tmp_path, **kw) -> ServerConfig:
-    """A tiny-model server: 2 clients per round, 2 local steps of batch 2, registration open."""
+    """A tiny-model server: 2 clients per round, 2 local steps of batch 2, registration open, rates
+    no test reaches unless it sets them (tests/test_limits.py does)."""
     base = dict(model="tiny-llama", state=tmp_path / "state", local_steps=2, batch_size=2, max_len=400,
-                clients_per_round=2, open_registration=True)
+                clients_per_round=2, open_registration=True, rate_per_client="100000/second",
+                rate_per_address="100000/second")
     base.update(kw)
     return ServerConfig(**base)
 

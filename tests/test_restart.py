@@ -115,3 +115,46 @@ def test_a_client_mid_round_when_the_server_restarts_trains_the_round_again(tmp_
     assert len(servers) == 2 and status["completed_rounds"] == 1
     assert reports[0].round == 1 and len(reports[0].losses) == 3
     assert sent == [0, 1, 0, 1, 2]  # step 1 after the restart was refused (redo), then the round from step 0
+
+
+def test_the_upload_that_closed_a_round_retried_after_a_restart_gets_its_first_answer(tmp_path, e2e_dir):
+    """Upload digests rest in SQLite with the upload: the same body after a restart is the 202 it
+    was, another body a 409."""
+    import aiohttp
+    import torch
+
+    from conftest import running_server, server_config
+    from hsplitlora.federation.protocol import adapters_path, steps_path
+    from hsplitlora.wire import encode
+
+    cfg = server_config(tmp_path, clients_per_round=1)
+
+    async def main():
+        async with running_server(cfg) as (url, state), aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/register", json={"profile": {"memory_bytes": 40e6}, "examples": 4}) as r:
+                joined = await r.json()
+            auth = {"Authorization": f"Bearer {joined['token']}"}
+            d = state.trainer.dims.hidden
+            for step in range(cfg.local_steps):
+                body = encode({"h": torch.randn(1, 8, d), "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                               "labels": torch.full((1, 8), 5, dtype=torch.long)})
+                async with s.post(url + steps_path(1, step), data=body, headers=auth) as r:
+                    assert r.status == 200
+            adapters = {}
+            for key, rank in joined["plan"]["ranks"].items():
+                d_in, d_out = state.trainer.dims.weight_shape(key.split(".")[1])
+                adapters[f"{key}.A"], adapters[f"{key}.B"] = torch.ones(rank, d_in) * 1e-3, torch.zeros(d_out, rank)
+            upload = encode(adapters)
+            async with s.put(url + adapters_path(1), data=upload, headers=auth) as r:
+                first = (r.status, await r.json())
+            assert state.round == 2  # it closed the round
+        async with running_server(cfg) as (url, state), aiohttp.ClientSession() as s:
+            async with s.put(url + adapters_path(1), data=upload, headers=auth) as r:
+                again = (r.status, await r.json())
+            async with s.put(url + adapters_path(1), data=encode({k: v * 2 for k, v in adapters.items()}),
+                             headers=auth) as r:
+                other = r.status
+        return first, again, other
+
+    first, again, other = asyncio.run(main())
+    assert first[0] == 202 and again[0] == 202 and again[1]["round"] == 1 and other == 409

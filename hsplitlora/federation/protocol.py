@@ -52,7 +52,8 @@ class Route:
 # No token: a device reads the settings and probes its link before it registers; the operators'
 # views name no token and no data.
 PUBLIC = frozenset({Route.HEALTH, Route.OPENAPI, Route.SETTINGS, Route.PROBE, Route.REGISTER, Route.STATUS,
-                    Route.STATUS_PAGE, Route.METRICS})
+                    Route.STATUS_PAGE, Route.METRICS})  # no client token
+OPERATOR = frozenset({Route.STATUS, Route.STATUS_PAGE, Route.METRICS})  # the server's machine, or the operator's token
 
 
 class Header:
@@ -175,7 +176,9 @@ def check_step(tensors: dict[str, torch.Tensor], batch_size: int, max_len: int, 
         raise WireError("labels mark no token to learn")
 
 
-REDO_ROUND = "round"  # a 409's `redo`: the server lost the round's earlier steps; train it again from step 0
+# A 409's `redo`: what the client does next.
+REDO_ROUND = "round"  # the server lost the round's earlier steps: train it again from step 0
+REJOIN = "rejoin"  # the round closed without this client (its deadline): take the merged weights, train `open_round`
 MAX_EXAMPLES = 10**9  # more examples than one device holds: a registration's count is refused above it
 MAX_ROUND = 10**9  # rounds and steps in paths and queries are integers below this
 
