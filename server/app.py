@@ -135,9 +135,9 @@ class ServerState:
         self.operator_token = cfg.operator_token_file.read_text().strip() if cfg.operator_token_file else None
         if self.operator_token == "":
             raise ValueError(f"the operator token file {cfg.operator_token_file} is empty")
-        # What an anonymous probe may ask for: one step's activations on the wire, what a device
-        # measures its link with (`hsplitlora profile`).
-        self.probe_limit = cfg.batch_size * cfg.max_len * self.trainer.dims.hidden * BYTES_PER_ELEMENT[cfg.wire]
+        # What a probe may ask for: one step's reply (its activations on the wire, with room for the
+        # safetensors header), what a device measures its link with (`hsplitlora profile`).
+        self.probe_limit = cfg.batch_size * cfg.max_len * self.trainer.dims.hidden * BYTES_PER_ELEMENT[cfg.wire] + 65536
 
     def operator_may_read(self, request: web.Request) -> bool:
         """The operators' views (/status, /metrics) answer this machine, and the operator's token."""
@@ -203,13 +203,13 @@ async def settings(request: web.Request) -> web.Response:
 async def probe_download(request: web.Request) -> web.Response:
     """`bytes` random bytes, for a device measuring its download bandwidth (edge_sdk.profile).
 
-    Capped at one step's activations on the wire, and at --probe-bytes-per-minute per address:
+    Capped at one step's reply, and at --probe-bytes-per-minute per address:
     a probe costs the server no more than a step does, and a stranger cannot make it a flood.
     """
     state: ServerState = request.app[STATE]
     size = _int_query(request, "bytes")
     if not 0 <= size <= state.probe_limit:
-        return error(400, f"bytes must be in [0, {state.probe_limit}] (one step's activations)")
+        return error(400, f"bytes must be in [0, {state.probe_limit}] (one step's reply)")
     wait = state.rates.probe_bytes(request.remote or "unknown", size)
     if wait is not None:
         return error(429, f"this address asked for more than --probe-bytes-per-minute of probes: try again in "

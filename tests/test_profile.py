@@ -70,13 +70,13 @@ def test_profile_json_round_trips_and_a_missing_key_is_named(profile):
 def test_probe_endpoint_gives_bandwidth_and_refuses_oversized_probes(tmp_path):
     async def main():
         async with tiny_server(tmp_path) as (url, state):
-            up, down, rtt = await measure_link(url, 200_000)
+            up, down, rtt = await measure_link(url, state.probe_limit)  # one step's reply: what a profile measures
             async with aiohttp.ClientSession() as s:
                 async with s.get(url + "/v1/probe", params={"bytes": "1234"}) as r:
                     got = await r.read()
                 async with s.post(url + "/v1/probe", data=b"x" * 5000) as r:
                     size = (await r.json())["bytes"]
-                async with s.get(url + "/v1/probe", params={"bytes": str(state.limit + 1)}) as r:
+                async with s.get(url + "/v1/probe", params={"bytes": str(state.probe_limit + 1)}) as r:
                     too_big = r.status
                 async with s.post(url + "/v1/probe", data=b"x" * (state.limit + 1)) as r:
                     too_big_up = r.status

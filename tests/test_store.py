@@ -21,13 +21,14 @@ def test_state_survives_a_restart(tmp_path):
     store.set_plan(client_id, {"split": 3})
     r = store.current_round()
     assert store.record_step(r, client_id, 0, 2.5)
-    store.record_upload(r, client_id, {"0.q.A": torch.ones(2, 4)})
-    store.complete_round(r)
+    store.record_upload(r, client_id, {"0.q.A": torch.ones(2, 4)}, split=3, digest="abc")
+    store.complete_round(r, {client_id: {"split": 4}})  # the participants' next plans, in the same transaction
     store.close()
 
     again = Store(tmp_path)
     assert again.authenticate(token) == client_id
-    assert again.client(client_id).plan == {"split": 3} and again.client(client_id).examples == 7
+    assert again.client(client_id).plan == {"split": 4} and again.client(client_id).examples == 7
+    assert again.upload_of(r, client_id) == (3, "abc") and again.upload_of(r + 1, client_id) is None
     assert again.completed_rounds() == 1 and again.current_round() == r + 1
     assert torch.equal(again.uploads(r)[client_id]["0.q.A"], torch.ones(2, 4)) and again.uploaded(r) == [client_id]
     assert again.losses(r) == {client_id: 2.5}
