@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-methods bench-network bench-runtimes bench-gemm bench-calibration clean
+.PHONY: demo test install bench-methods bench-network bench-runtimes bench-gemm bench-calibration bench-rounds clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-runtimes: $(STAMP)
 # bounds the onnxruntime runtime's speed-up; times under /tmp/hsplitlora-bench.lock.
 bench-gemm: $(STAMP)
 	$(BIN)/python bench/gemm.py
+
+# Closing a round with 32 participants, alone and among 1,000 registered clients (about 2 minutes).
+bench-rounds: $(STAMP)
+	$(BIN)/python bench/rounds.py
 
 # The calibrated cost model against real client processes on SmolLM2-135M (about 3 minutes).
 bench-calibration: $(STAMP)

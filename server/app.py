@@ -182,7 +182,10 @@ class ServerState:
         that went idle mid-round)."""
         while True:
             await asyncio.sleep(1.0)
-            await self.maybe_aggregate(force=time.time() - self.round_started > self.cfg.round_deadline_s)
+            try:
+                await self.maybe_aggregate(force=time.time() - self.round_started > self.cfg.round_deadline_s)
+            except Exception:  # logged, and tried again: the watch must outlive one failed close
+                log.exception("round %d: closing it failed", self.round)
 
     def closed_without(self, round_number: int) -> web.Response:
         """409 for a step or upload of a round that closed without this client: it rejoins the open round."""

@@ -2,8 +2,8 @@
 
 One frozen base model serves every client; each client has its own server-side adapters and
 optimizer, made at its first step of a round and swapped in for its steps (design §3.1), so a
-registered client that is not training costs its plan and little else. All model work runs under one lock, off the
-event loop. The merged weights are kept as cumulative deltas against the base checkpoint, so a
+registered client that is not training costs its plan and little else. All model work runs
+under one lock, off the event loop. The merged weights are kept as cumulative deltas against the base checkpoint, so a
 restarted server rebuilds them exactly and a device that takes over new blocks can be sent them.
 """
 
