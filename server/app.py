@@ -108,7 +108,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     """`Expect: 100-continue`: a body over the limit is refused before it is sent, not invited."""
     state: ServerState = request.app[STATE]
     if request.headers.get("Expect", "").lower() != "100-continue":
-        return error(417, "only Expect: 100-continue is understood")
+        return None  # another expectation: ignored (RFC 9110 lets a server), the request goes on as usual
     if too_large(state, request):
         return await answer_and_close(request, error(413, f"request body over the limit of {state.limit} bytes"))
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -187,8 +187,12 @@ class ServerState:
             except Exception:  # logged, and tried again: the watch must outlive one failed close
                 log.exception("round %d: closing it failed", self.round)
 
-    def closed_without(self, round_number: int) -> web.Response:
-        """409 for a step or upload of a round that closed without this client: it rejoins the open round."""
+    def closed_without(self, round_number: int, client_id: str) -> web.Response:
+        """409 for a step or upload of a closed round: one it took part in is over (it asks for its
+        update); one that closed without it, it rejoins the open round."""
+        if self.store.upload_of(round_number, client_id) is not None:
+            return error(409, f"round {round_number} is closed and this client's adapters of it were accepted: "
+                              f"ask for its update (GET {protocol.update_path(round_number)})")
         return web.json_response({"error": f"round {round_number} closed without this client (its deadline passed); "
                                            f"take the merged weights and train round {self.round}",
                                   "redo": protocol.REJOIN, "open_round": self.round}, status=409)
@@ -325,7 +329,7 @@ async def step(request: web.Request) -> web.Response:
     client_id = request[CLIENT]
     round_number, step_number = _int_query(request, "round"), _int_query(request, "step")
     if round_number < state.round:
-        return state.closed_without(round_number)
+        return state.closed_without(round_number, client_id)
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     if state.store.upload_of(round_number, client_id) is not None:
@@ -377,7 +381,7 @@ async def upload_adapters(request: web.Request) -> web.Response:
             return web.json_response(accepted, status=202)
         return error(409, f"this client's adapters of round {round_number} were already accepted (with another body)")
     if round_number < state.round:
-        return state.closed_without(round_number)
+        return state.closed_without(round_number, client_id)
     if round_number != state.round:
         return error(409, f"round {round_number} is not the open round ({state.round})")
     plan = state.trainer.clients[client_id].plan
