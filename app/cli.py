@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hsplitlora.configs import add_arguments, from_arguments
+from hsplitlora.configs import add_arguments, apply_config_file, from_arguments
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # each command's parser, by name (a --config file sets its defaults)
 
     from app.demo import DemoConfig
     from hsplitlora.finetune import FinetuneConfig
@@ -158,13 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A `--config FILE` given to a command that takes one: its options become that command's
+    defaults before the command line is parsed, so that flags override the file."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    command = next((parser.commands[a] for a in argv if a in parser.commands), None)
+    if known.config is not None and command is not None and command.get_default("command_parser") is command:
+        apply_config_file(command, known.config)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    _setup_logging("-v" in argv or "--verbose" in argv)
     try:
+        _config_file(parser, argv)
+        args = parser.parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        if args.verbose:
+        if "-v" in argv or "--verbose" in argv:
             raise
         logging.getLogger("hsplitlora").error("%s", e)
         return 2

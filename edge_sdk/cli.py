@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edge_sdk.client import ClientConfig
-from hsplitlora.configs import add_arguments, from_arguments
+from hsplitlora.configs import add_arguments, add_config_file, describe_arguments, from_arguments
 from hsplitlora.data import DATA_HELP
 from hsplitlora.federation.protocol import Route
 
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
                    help="print one JSON object per step instead of a progress bar (for supervisors)")
     p.add_argument("--cafile", type=Path, help="CA certificate to trust for an HTTPS server")
     add_arguments(p.add_argument_group("how this device takes part"), ClientConfig)
+    add_config_file(p)
     p.set_defaults(func=run)
 
 
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.fit import PlanDoesNotFit
     from hsplitlora.data import load_examples
 
+    logging.getLogger(__name__).info("configuration (as a --config file):\n%s",
+                                     describe_arguments(args.command_parser, args))
     if args.threads:
         torch.set_num_threads(args.threads)
     context = ssl.create_default_context(cafile=str(args.cafile)) if args.cafile else None

@@ -67,8 +67,9 @@ class ClientConfig:
     step_time_budget: float | None = option(
         None, metavar="SECONDS", help="longest device step (forward, transfers, backward) accepted; needs a profile")
     relative_speed: float | None = option(None, help="this device's compute relative to the weakest (optional)")
-    token: str | None = option(None, help="resume as the client holding this token (printed at first registration)")
-    join_code: str | None = option(None, help="the join code the server's operator gave (`hsplitlora enroll`)")
+    token: str | None = option(None, secret=True,
+                               help="resume as the client holding this token (printed at first registration)")
+    join_code: str | None = option(None, secret=True, help="the join code the server's operator gave (`hsplitlora enroll`)")
     retries: int = option(6, help="tries of a request beyond the first, on server errors and lost connections")
     backoff_s: float = option(0.5, flag="--backoff", metavar="SECONDS",
                               help="the first retry's wait; it doubles with each further try")

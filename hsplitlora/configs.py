@@ -5,14 +5,19 @@ help (as PEFT's configs do). `add_arguments(parser, Config)` makes one `--flag` 
 configs included, e.g. a planner's), typed and with the dataclass's default shown in the help;
 `from_arguments(Config, args)` builds the config back. Each default is thus written once, on its
 field, for the code, the command line and its `--help` alike (as litgpt builds its CLI from typed
-signatures).
+signatures). A command with `add_config_file` also reads its options from a TOML file whose keys
+are its flags' names (`apply_config_file`; flags still win), and `describe_arguments` writes the
+effective options back in that form, secrets left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import re
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -27,11 +32,13 @@ SEED_HELP = "random seed (data order, fresh adapters)"
 
 def option(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
            flag: str | None = None, choices: typing.Sequence | None = None, parse: Callable[[str], Any] | None = None,
-           metavar: str | None = None, cli: bool = True) -> Any:
+           metavar: str | None = None, cli: bool = True, secret: bool = False) -> Any:
     """A dataclass field with its help. `flag` renames its command-line flag (default: the field's
     name with dashes), `parse` reads its value from text (default: from its type), `cli=False`
-    keeps it off the command line (values no flag can give, e.g. a measured profile)."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "cli": cli}
+    keeps it off the command line (values no flag can give, e.g. a measured profile), `secret`
+    keeps its value out of logs (`describe_arguments`)."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "cli": cli,
+                "secret": secret}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -107,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Colle
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{text} (default: {'on' if default else 'off'})")
             continue
+        if meta.get("secret"):
+            secret_options.add(name)
         required = default is MISSING
         if not required and default is not None:
             text += f" (default: {_shown(default)})"
@@ -133,3 +142,103 @@ def from_arguments(cls: type, args: argparse.Namespace, _prefix: str = "", **giv
         elif hasattr(args, name):
             values[f.name] = getattr(args, name)
     return cls(**values)
+
+
+# Options whose values stay out of logs (their dests), from fields declared `option(secret=True)`.
+secret_options: set[str] = set()
+CONFIG_HELP = ("a TOML file of this command's options: keys are the flags' names with underscores "
+               "(--local-steps: local_steps), or as the command logs its configuration at start; a group's "
+               "options may go in its table (e.g. [planner]); flags given here override the file")
+_NOT_OPTIONS = {"help", "config", "func", "command_parser", "verbose"}
+
+
+def add_config_file(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` for this (sub)command; `apply_config_file` reads it."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    parser.set_defaults(command_parser=parser)
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in _NOT_OPTIONS and a.dest != argparse.SUPPRESS}
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key.replace("-", "_")] = value
+    return out
+
+
+def _from_file(action: argparse.Action, value: Any, where: str) -> Any:
+    """A TOML value as the flag would give it (text through the flag's own parser)."""
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: expected a value for {action.option_strings[0]}, got {value!r}")
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    convert = action.type or str
+    if convert is int and isinstance(value, float):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    try:
+        result = convert(value if isinstance(value, str) or convert in (int, float) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if action.choices is not None and result not in action.choices:
+        raise ValueError(f"{where}: {result!r} is not one of {', '.join(map(str, action.choices))}")
+    return result
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> None:
+    """Make a TOML file's options the defaults of `parser`, so that parsing again gives flags
+    precedence over the file (ValueError: an unknown key, a value of the wrong kind, bad TOML)."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not TOML: {e}") from None
+    options = _options(parser)
+    # A key is an option's name as `describe_arguments` writes it, or its flag's with underscores.
+    names = {a.option_strings[0].lstrip("-").replace("-", "_"): dest for dest, a in options.items() if a.option_strings}
+    names.update({dest: dest for dest in options})
+    values = {}
+    for key, value in _flatten(table).items():
+        dest = names.get(key)
+        if dest is None:
+            raise ValueError(f"{path}: no option {key!r} here; the options are: {', '.join(sorted(options))}")
+        values[dest] = _from_file(options[dest], value, f"{path}: {key}")
+        options[dest].required = False  # the file gives it
+    parser.set_defaults(**values)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: its escapes are JSON's
+
+
+def describe_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The options in effect, as the TOML a --config file would hold (secrets and unset ones as comments)."""
+    top, tables = [], {}
+    for dest in _options(parser):
+        value = getattr(args, dest, None)
+        table, _, key = dest.rpartition(".")
+        if dest in secret_options and value is not None:
+            line = f"# {key} = (given; not shown)"
+        elif value is None:
+            line = f"# {key} = (not set)"
+        else:
+            line = f"{key} = {_toml_value(value)}"
+        (tables.setdefault(table, []) if table else top).append(line)
+    return "\n".join(top + [f"\n[{t}]\n" + "\n".join(lines) for t, lines in tables.items()])

@@ -9,7 +9,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from hsplitlora.configs import add_arguments, from_arguments
+from hsplitlora.configs import add_arguments, add_config_file, describe_arguments, from_arguments
 from server.config import ServerConfig
 
 
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
                     "Operators watch GET /status (an HTML page) and GET /metrics (Prometheus); see docs/protocol.md.",
     )
     add_arguments(p, ServerConfig)
+    add_config_file(p)
     p.set_defaults(func=run)
     e = sub.add_parser(
         "enroll", help="make a join code with which a device may register with a server",
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from server.app import make_app
 
     cfg = from_arguments(ServerConfig, args)
+    log = logging.getLogger(__name__)
+    log.info("configuration (as a --config file):\n%s", describe_arguments(args.command_parser, args))
     context = None
     if cfg.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -59,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     app = make_app(cfg)
     scheme = "https" if context else "http"
     if cfg.open_registration and not ipaddress.ip_address(socket.gethostbyname(cfg.host)).is_loopback:
-        logging.getLogger(__name__).warning("registration is open to anyone who reaches %s:%d: give devices join "
+        log.warning("registration is open to anyone who reaches %s:%d: give devices join "
                                             "codes instead (`hsplitlora enroll`)", cfg.host, cfg.port)
     who = "this machine" + (", and callers with the operator's token" if cfg.operator_token_file else
                             " only (--operator-token-file opens them to callers with a token)")
-    logging.getLogger(__name__).info("state in %s; serving %s; status page %s://%s:%d/status and metrics at /metrics "
+    log.info("state in %s; serving %s; status page %s://%s:%d/status and metrics at /metrics "
                                      "answer %s", cfg.state, cfg.model, scheme, cfg.host, cfg.port, who)
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=context, print=None, access_log=None)
     return 0
