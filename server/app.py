@@ -66,6 +66,8 @@ def too_large(state: ServerState, request: web.Request) -> bool:
 async def errors_and_auth(request: web.Request, handler):
     """Rate limits, bearer-token authentication for every non-public route, errors as JSON."""
     state: ServerState = request.app[STATE]
+    if state.failed is not None:
+        return error(503, f"{state.failed}; the server's state on disk is consistent: its operator must restart it")
     address = request.remote or "unknown"
     if request.path in PUBLIC:
         if request.path in OPERATOR and not state.operator_may_read(request):
@@ -129,6 +131,9 @@ class ServerState:
         self.limit = cfg.request_limit(self.trainer.dims.hidden, self._adapter_bytes())
         self.aggregating = asyncio.Lock()
         self.scores: dict[str, dict[Target, float]] = {}
+        # Why the server stopped serving: a round's close failed half-way, and the weights in memory
+        # may hold what the state on disk does not. A restart resumes from the disk, consistently.
+        self.failed: str | None = None
         self.artifacts = ArtifactCache(cfg.state)
         self.monitor = Monitor(self)
         self.rates = RateLimits(cfg.rate_per_client, cfg.rate_per_address, int(cfg.probe_bytes_per_minute))
@@ -161,21 +166,30 @@ class ServerState:
         async with self.aggregating:
             number = self.round
             uploaded = self.store.uploaded(number)
-            if not uploaded:
+            if not uploaded or self.failed is not None:
                 return
             if not force and (len(uploaded) < self.cfg.clients_per_round or self.trainer.mid_round(number, uploaded)):
                 return
             log.info("round %d: aggregating %d client(s)", number, len(uploaded))
-            with self.monitor.aggregation_seconds.time():
-                uploads = await self.run_model(self.store.uploads, number)
-                scores = {c: self.scores.get(c, {}) for c in uploads}
-                shared, plans = await self.run_model(self.trainer.aggregate, uploads, scores, number)
-                if shared is not None:
-                    await self.run_model(self.store.save_tensors, round_update_file(number), shared)
-                self.store.complete_round(number, {c: plan.to_dict() for c, plan in plans.items()})
-                # The files of rounds past the retention go: disk stays bounded over a long run.
-                await self.run_model(self.store.prune_rounds, number + 1 - self.cfg.keep_rounds)
+            try:
+                with self.monitor.aggregation_seconds.time():
+                    uploads = await self.run_model(self.store.uploads, number)
+                    scores = {c: self.scores.get(c, {}) for c in uploads}
+                    shared, plans = await self.run_model(self.trainer.aggregate, uploads, scores, number)
+                    if shared is not None:
+                        await self.run_model(self.store.save_tensors, round_update_file(number), shared)
+                    self.store.complete_round(number, {c: plan.to_dict() for c, plan in plans.items()})
+            except Exception as e:
+                self.failed = f"closing round {number} failed ({type(e).__name__}: {e})"
+                log.exception("%s: serving nothing until restarted (the state on disk is the round's before)",
+                              self.failed)
+                return
             self.round, self.round_started, self.scores = number + 1, time.time(), {}
+            # The files of rounds past the retention go: disk stays bounded over a long run.
+            try:
+                await self.run_model(self.store.prune_rounds, number + 1 - self.cfg.keep_rounds)
+            except OSError as e:  # the round is closed all the same; the next close tries again
+                log.warning("round %d: deleting old rounds' files failed: %s", number, e)
 
     async def deadline_watch(self) -> None:
         """Close the round at its deadline; and once no active client holds it up any more (one

@@ -72,6 +72,11 @@ ADDED_COLUMNS = [("uploads", "split", "INTEGER"), ("uploads", "digest", "TEXT")]
 MERGED_DELTAS = "deltas/merged.safetensors"  # merging strategies: the merged model as deltas against the base
 GLOBAL_ADAPTER = "deltas/global-adapter.safetensors"  # the others: the global model is W + this adapter
 IMPORTANCE = "importance.safetensors"  # the smoothed importance scores
+# What closing a round rewrites: staged beside the file (".pending", stamped with the round) and put
+# in its place once the round's close is committed in SQLite, so that a server killed in between
+# restarts from the state before that round (and closes it again), never with it merged twice.
+STAGED = (MERGED_DELTAS, GLOBAL_ADAPTER, IMPORTANCE)
+PENDING = ".pending"
 
 
 def upload_file(round_number: int, client_id: str) -> str:
@@ -136,6 +141,7 @@ class Store:
         for table, column, kind in ADDED_COLUMNS:
             if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._settle_staged()
 
     def close(self) -> None:
         self.db.close()
@@ -212,6 +218,29 @@ class Store:
                                 [(json.dumps(plan), client_id) for client_id, plan in plans.items()])
             self.db.execute("UPDATE rounds SET status = 'complete', completed = ? WHERE number = ?", (time.time(), number))
             self.db.execute("INSERT INTO rounds (number, status, started) VALUES (?, 'open', ?)", (number + 1, time.time()))
+        self._settle_staged()
+
+    def stage(self, relative: str, tensors: dict[str, torch.Tensor], round_number: int) -> None:
+        """Write what closing `round_number` changes of a file of STAGED; it takes the file's place
+        when the round is completed (`complete_round`), and is dropped if it never is."""
+        assert relative in STAGED, relative
+        self.save_tensors(relative + PENDING, tensors, {"round": str(round_number)})
+
+    def _settle_staged(self) -> None:
+        """Staged files of completed rounds take their place; those of a round not completed (a
+        close cut short) are dropped."""
+        row = self.db.execute("SELECT MAX(number) FROM rounds WHERE status = 'complete'").fetchone()
+        completed = row[0] or 0
+        for relative in STAGED:
+            pending = self.root / (relative + PENDING)
+            if not pending.is_file():
+                continue
+            with safe_open(str(pending), "pt") as f:
+                staged_round = int((f.metadata() or {}).get("round", completed + 1))
+            if staged_round <= completed:
+                os.replace(pending, self.root / relative)
+            else:
+                pending.unlink()
 
     def prune_rounds(self, before: int) -> list[int]:
         """Delete the tensor files of rounds numbered below `before` (uploads, server-side snapshots,
@@ -255,12 +284,13 @@ class Store:
         return dict(rows)
 
     # ----- tensors -----------------------------------------------------------------------------
-    def save_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> Path:
+    def save_tensors(self, relative: str, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
         """Write a safetensors file atomically (temporary file + rename)."""
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         return path
 

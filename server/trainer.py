@@ -309,13 +309,14 @@ class ServerTrainer:
             for client in self.clients.values():
                 if client.round == round_number:
                     client.leave_round()
+            # Staged: they replace the files when the caller completes the round in the store.
             if self.strategy.merges:
-                self.store.save_tensors(MERGED_DELTAS, self.deltas())
+                self.store.stage(MERGED_DELTAS, self.deltas(), round_number)
             else:
-                self.store.save_tensors(GLOBAL_ADAPTER, factors_to_tensors(
-                    {t: (u.A, u.B) for t, u in self.global_adapter.items()}))
-            self.store.save_tensors(IMPORTANCE, {str(t): torch.tensor(v, dtype=torch.float64)
-                                                 for t, v in self.tracker.smoothed.items()})
+                self.store.stage(GLOBAL_ADAPTER, factors_to_tensors(
+                    {t: (u.A, u.B) for t, u in self.global_adapter.items()}), round_number)
+            self.store.stage(IMPORTANCE, {str(t): torch.tensor(v, dtype=torch.float64)
+                                          for t, v in self.tracker.smoothed.items()}, round_number)
             shared = factors_to_tensors({t: (u.A, u.B) for t, u in result.merged.items()}) if self.strategy.merges else None
             return shared, plans
 

@@ -158,3 +158,55 @@ def test_the_upload_that_closed_a_round_retried_after_a_restart_gets_its_first_a
 
     first, again, other = asyncio.run(main())
     assert first[0] == 202 and again[0] == 202 and again[1]["round"] == 1 and other == 409
+
+
+def test_a_close_cut_short_stops_the_server_and_a_restart_closes_the_round_once(tmp_path, e2e_dir):
+    """The round's new weights are staged beside the old and take their place only with the SQLite
+    commit that closes the round: when that commit fails (here: the disk refuses it), the server
+    stops serving (503) instead of going on with weights its disk does not hold, and a restart
+    closes the round again from the uploads, merging it exactly once."""
+    import aiohttp
+    import torch
+
+    from conftest import running_server, server_config
+    from edge_sdk.client import AsyncClient
+    from hsplitlora.federation.protocol import Route
+    from server.store import MERGED_DELTAS, PENDING, round_update_file
+
+    cfg = server_config(tmp_path, clients_per_round=1)
+
+    async def main():
+        async with running_server(cfg) as (url, state):
+            def refuse(*_):
+                raise OSError(28, "No space left on device")
+
+            state.store.complete_round = refuse
+            client = AsyncClient(url, load_e2e_train(e2e_dir)[:20], memory_budget=40e6)
+            task = asyncio.create_task(client.run(1))
+            while state.failed is None:
+                await asyncio.sleep(0.1)
+            async with aiohttp.ClientSession() as s, s.get(url + Route.HEALTH) as r:
+                failed = (r.status, (await r.json())["error"])
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+            staged = (cfg.state / (MERGED_DELTAS + PENDING)).is_file()
+        async with running_server(cfg) as (url, state):
+            on_disk = (cfg.state / MERGED_DELTAS).is_file(), (cfg.state / (MERGED_DELTAS + PENDING)).is_file()
+            reopened = state.round
+            while state.round == 1:  # the deadline watch closes it: its one upload is the quorum
+                await asyncio.sleep(0.2)
+            update = state.store.load_tensors(round_update_file(1))
+            deltas = state.trainer.deltas()
+        return failed, staged, on_disk, reopened, update, deltas
+
+    failed, staged, on_disk, reopened, update, deltas = asyncio.run(main())
+    assert failed[0] == 503 and "No space left" in failed[1]
+    assert staged and on_disk == (False, False)  # the staged weights were dropped at the restart
+    assert reopened == 1
+    merged = {}
+    for key, value in update.items():
+        target, kind = key.rsplit(".", 1)
+        merged.setdefault(target, {})[kind] = value
+    for target, ab in merged.items():  # once: the deltas are the round's B @ A, not twice that
+        assert torch.allclose(deltas[target], ab["B"] @ ab["A"], atol=1e-6), target
