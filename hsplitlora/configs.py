@@ -114,15 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Colle
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{text} (default: {'on' if default else 'off'})")
             continue
-        if meta.get("secret"):
-            secret_options.add(name)
         required = default is MISSING
         if not required and default is not None:
             text += f" (default: {_shown(default)})"
         metavar = meta.get("metavar") or (None if meta.get("choices") else flag.lstrip("-").replace("-", "_").upper())
-        group.add_argument(flag, dest=name, type=meta.get("parse") or _parser_for(hint), required=required,
-                           **({} if required else {"default": default}), choices=meta.get("choices"),
-                           metavar=metavar, help=text.replace("%", "%%"))
+        action = group.add_argument(flag, dest=name, type=meta.get("parse") or _parser_for(hint), required=required,
+                                    **({} if required else {"default": default}), choices=meta.get("choices"),
+                                    metavar=metavar, help=text.replace("%", "%%"))
+        action.secret = meta.get("secret", False)  # kept out of logs by describe_arguments
     return parser
 
 
@@ -144,8 +143,6 @@ def from_arguments(cls: type, args: argparse.Namespace, _prefix: str = "", **giv
     return cls(**values)
 
 
-# Options whose values stay out of logs (their dests), from fields declared `option(secret=True)`.
-secret_options: set[str] = set()
 CONFIG_HELP = ("a TOML file of this command's options: keys are the flags' names with underscores "
                "(--local-steps: local_steps), or as the command logs its configuration at start; a group's "
                "options may go in its table (e.g. [planner]); flags given here override the file")
@@ -174,7 +171,7 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
 
 def _from_file(action: argparse.Action, value: Any, where: str) -> Any:
     """A TOML value as the flag would give it (text through the flag's own parser)."""
-    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+    if action.nargs == 0:  # a switch: --flag / --no-flag, store_true
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")
         return value
@@ -231,10 +228,10 @@ def _toml_value(value: Any) -> str:
 def describe_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The options in effect, as the TOML a --config file would hold (secrets and unset ones as comments)."""
     top, tables = [], {}
-    for dest in _options(parser):
+    for dest, action in _options(parser).items():
         value = getattr(args, dest, None)
         table, _, key = dest.rpartition(".")
-        if dest in secret_options and value is not None:
+        if getattr(action, "secret", False) and value is not None:
             line = f"# {key} = (given; not shown)"
         elif value is None:
             line = f"# {key} = (not set)"

@@ -51,10 +51,11 @@ class ServerConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     open_registration: bool = option(
         False, help="let any device register without a join code (`hsplitlora enroll` makes codes); for a "
-                    "server only trusted devices reach, such as the demo's on 127.0.0.1")
+                    "server only trusted devices reach")
     max_clients: int = option(1000, help="refuse registrations beyond this many clients")
-    keep_rounds: int = option(3, help="rounds whose tensor files (uploads, replies) are kept; older ones are "
-                                       "deleted (a client asking for a deleted round's update gets 404)")
+    keep_rounds: int = option(3, help="rounds whose tensor files (uploads, server-side snapshots, the round's "
+                                       "update) are kept; older ones are deleted (a client asking for a deleted "
+                                       "round's update gets 404)")
     read_timeout_s: float = option(60.0, flag="--read-timeout", metavar="SECONDS",
                                    help="a request body must arrive within this many seconds (408 otherwise)")
     header_timeout_s: float = option(30.0, flag="--header-timeout", metavar="SECONDS",

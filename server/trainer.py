@@ -322,8 +322,9 @@ class ServerTrainer:
 
     def mid_round(self, round_number: int, uploaded: list[str]) -> list[str]:
         """Active clients that trained steps of this round and have not uploaded it yet."""
-        done = set(uploaded)
-        return [c.id for c in self.active() if c.round == round_number and c.digests and c.id not in done]
+        done, since = set(uploaded), time.monotonic() - self.cfg.idle_expiry_s
+        return [c.id for c in self.clients.values()
+                if c.round == round_number and c.digests and c.id not in done and c.last_seen >= since]
 
     def reply(self, client_id: str, round_number: int, split_before: int) -> Update | None:
         """A client's update of a closed round, derived from what the round left (None: its files
